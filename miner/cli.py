@@ -1,0 +1,146 @@
+"""Command line: parse arguments into the one config object and run the flow. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from miner.config import CLI_KEYS, load_config
+from miner.errors import InputError
+
+app = typer.Typer(
+    name="miner",
+    help="Mine hard negatives for embedding and reranker training.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+_SECTION = {"retrieval": "Retrieval", "models": "Models", "filter": "Filtering", "sample": "Sampling"}
+
+
+def _opt(name: str, help: str, flag: str | None = None) -> typer.models.OptionInfo:
+    section = _SECTION.get(CLI_KEYS[name].split(".")[0], "Input")
+    return typer.Option(flag or f"--{name.replace('_', '-')}", help=help, rich_help_panel=section,
+                        show_default=False)
+
+
+@app.command()
+def mine(
+    data: Annotated[Path | None, typer.Argument(help="BEIR folder, or a pairs table (.jsonl/.csv/.parquet)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config; options override it")] = None,
+    split: Annotated[str | None, _opt("split", "qrels split (default: train, or the only one)")] = None,
+    corpus: Annotated[Path | None, _opt("corpus", "corpus table for a pairs input")] = None,
+    queries: Annotated[Path | None, _opt("queries", "queries table when pairs name queries by id")] = None,
+    min_relevance: Annotated[int | None, _opt("min_relevance", "qrels score that counts as positive [1]")] = None,
+    skip_unknown: Annotated[bool | None, _opt("skip_unknown", "skip and count qrels rows with unknown ids",
+                                              "--skip-unknown/--no-skip-unknown")] = None,
+    threads: Annotated[int | None, _opt("threads", "threads for Lucene, faiss and torch [all cores]")] = None,
+    bm25: Annotated[bool | None, _opt("bm25", "BM25 candidates [on]", "--bm25/--no-bm25")] = None,
+    bm25_k: Annotated[int | None, _opt("bm25_k", "BM25 hits per query [100]")] = None,
+    dense: Annotated[bool | None, _opt("dense", "dense candidates [on]", "--dense/--no-dense")] = None,
+    dense_k: Annotated[int | None, _opt("dense_k", "dense hits per query [100]")] = None,
+    model: Annotated[str | None, _opt("model", "embedding model: bundled name or folder [all-MiniLM-L6-v2]")] = None,
+    cross_encoder: Annotated[str | None, _opt("cross_encoder", "teacher cross-encoder (folder or id)")] = None,
+    batch_size: Annotated[int | None, _opt("batch_size", "encoding batch size [64]")] = None,
+    method: Annotated[str | None, _opt("method", "none | topk-abs | topk-marginpos | topk-percpos")] = None,
+    max_score: Annotated[float | None, _opt("max_score", "topk-abs ceiling [0.95]")] = None,
+    margin: Annotated[float | None, _opt("margin", "topk-marginpos margin [0.05]")] = None,
+    pct: Annotated[float | None, _opt("pct", "topk-percpos fraction of the positive [0.95]")] = None,
+    positive_reference: Annotated[str | None, _opt("positive_reference", "min | mean | max [min]")] = None,
+    range_min: Annotated[int | None, _opt("range_min", "skip the teacher's top N [0]")] = None,
+    range_max: Annotated[int | None, _opt("range_max", "consider up to teacher rank N [100]")] = None,
+    num_negatives: Annotated[int | None, _opt("num_negatives", "negatives per (query, positive) [5]")] = None,
+    sampling: Annotated[str | None, _opt("sampling", "top | random [top]")] = None,
+    seed: Annotated[int | None, _opt("seed", "seed for random sampling")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, warnings only")] = False,
+) -> None:
+    """Mine hard negatives from DATA into OUT (negatives, triplets, ntuples, manifest)."""
+    given = {
+        "split": split, "corpus": corpus, "queries": queries, "min_relevance": min_relevance,
+        "skip_unknown": skip_unknown, "threads": threads, "bm25": bm25, "bm25_k": bm25_k, "dense": dense,
+        "dense_k": dense_k, "model": model, "cross_encoder": cross_encoder, "batch_size": batch_size,
+        "method": method, "max_score": max_score, "margin": margin, "pct": pct,
+        "positive_reference": positive_reference, "range_min": range_min, "range_max": range_max,
+        "num_negatives": num_negatives, "sampling": sampling, "seed": seed,
+    }
+    overrides = {CLI_KEYS[name]: value for name, value in given.items()}
+    overrides.update({"data": data, "out": out, "show_progress": False if quiet else None})
+    settings = load_config(config, overrides)
+    if quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    from flows.mine import mine_flow
+    from miner.manifest import check_output_writable
+
+    check_output_writable(settings.out)  # before Prefect starts, so the common mistake costs nothing
+    manifest = mine_flow(settings)
+    if not quiet:
+        typer.echo(f"wrote {settings.out}: {manifest['counts']['sample']['negatives']} negatives; "
+                   f"see `miner inspect {settings.out}`")
+
+
+@app.command()
+def inspect(out: Annotated[Path, typer.Argument(help="output folder of `miner mine`")],
+            as_json: Annotated[bool, typer.Option("--json", help="print the counts and scores as JSON")] = False,
+            ) -> None:
+    """Print a run's counts per stage and score statistics from its manifest."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        raise InputError(path, "no manifest here", "point at a folder written by `miner mine` that finished")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(path, f"not valid JSON ({error.msg})", "re-run `miner mine`", line=error.lineno) from None
+    summary = {key: manifest.get(key) for key in ("teacher", "counts", "scores", "timings_s")}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"{out}  (teacher: {summary['teacher']}, created {manifest.get('created')})")
+    for stage, counts in (summary["counts"] or {}).items():
+        typer.echo(f"\n{stage}")
+        for name, value in counts.items():
+            typer.echo(f"  {name:<40} {value:>10}")
+    typer.echo("\nteacher scores")
+    typer.echo(f"  {'':<16}" + "".join(f"{c:>9}" for c in ("count", "mean", "min", "p5", "p50", "p95", "max")))
+    for name, stats in (summary["scores"] or {}).items():
+        cells = "".join(
+            f"{stats.get(c, float('nan')):>9.3f}" if c != "count" else f"{stats.get(c, 0):>9}"
+            for c in ("count", "mean", "min", "p5", "p50", "p95", "max")
+        )
+        typer.echo(f"  {name:<16}{cells}")
+    typer.echo("\ntimings (s)  " + ", ".join(f"{k} {v}" for k, v in (summary["timings_s"] or {}).items()))
+
+
+def _quiet_user_errors() -> None:
+    """Prefect logs a task's exception with its traceback; a user error must stay one line."""
+
+    class _DropInputErrors(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            error = record.exc_info[1] if record.exc_info else None
+            return not isinstance(error, InputError) and "InputError" not in record.getMessage()
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_DropInputErrors())
+
+
+def main() -> None:
+    # Offline by default: no telemetry calls from Prefect or the hub client.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_user_errors()
+    try:
+        app()
+    except InputError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

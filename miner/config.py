@@ -1,0 +1,184 @@
+"""The one typed config object: built from a TOML file and command-line overrides, validated once."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from miner.errors import InputError
+
+FilterMethod = Literal["none", "topk-abs", "topk-marginpos", "topk-percpos"]
+PositiveReference = Literal["min", "mean", "max"]
+SamplingStrategy = Literal["top", "random"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetrievalConfig(_Section):
+    bm25: bool = True
+    bm25_k: int = Field(100, ge=1, description="BM25 hits per query")
+    bm25_k1: float = Field(0.9, gt=0)
+    bm25_b: float = Field(0.4, ge=0, le=1)
+    dense: bool = True
+    dense_k: int = Field(100, ge=1, description="dense hits per query")
+    rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
+
+
+class ModelConfig(_Section):
+    # A bundled name, a local path, or a hub id (the last only with a network).
+    embedding_model: str = "all-MiniLM-L6-v2"
+    # When unset, the teacher is the embedding model's cosine similarity.
+    cross_encoder: str | None = None
+    batch_size: int = Field(64, ge=1)
+    # Pairs per cross-encoder call; pairs are sorted by length first, so large batches waste little padding.
+    teacher_batch_size: int = Field(128, ge=1)
+
+
+class FilterConfig(_Section):
+    method: FilterMethod = "topk-percpos"
+    # topk-abs: drop candidates scoring above this ceiling.
+    max_score: float = 0.95
+    # topk-marginpos: drop candidates scoring above (positive - margin).
+    margin: float = Field(0.05, ge=0)
+    # topk-percpos: drop candidates scoring above pct x positive (sign-safe).
+    pct: float = Field(0.95, gt=0, le=1)
+    # With several positives, which of their scores the rule compares against.
+    positive_reference: PositiveReference = "min"
+    # Rank window over the teacher's ranking: skip the first `range_min`, consider up to rank `range_max`.
+    range_min: int = Field(0, ge=0)
+    range_max: int = Field(100, ge=1)
+
+
+class SampleConfig(_Section):
+    num_negatives: int = Field(5, ge=1)
+    strategy: SamplingStrategy = "top"
+    seed: int = 12345
+
+
+class MineConfig(_Section):
+    data: Path
+    out: Path
+    # qrels split for BEIR folders; None picks `train` if present, else the only split there is.
+    split: str | None = None
+    # For a pairs-table input: an optional corpus table, and a queries table when pairs use query ids.
+    corpus: Path | None = None
+    queries: Path | None = None
+    # qrels scores at or above this are positives.
+    min_relevance: int = 1
+    # Skip (and count) qrels rows naming unknown queries or documents instead of refusing the input.
+    skip_unknown: bool = False
+    # Threads for Lucene, faiss and torch; None uses every core.
+    threads: int | None = Field(None, ge=1)
+    show_progress: bool = True
+    retrieval: RetrievalConfig = RetrievalConfig()
+    models: ModelConfig = ModelConfig()
+    filter: FilterConfig = FilterConfig()
+    sample: SampleConfig = SampleConfig()
+
+    @model_validator(mode="after")
+    def _can_produce_negatives(self) -> MineConfig:
+        if not (self.retrieval.bm25 or self.retrieval.dense):
+            raise ValueError("retrieval.bm25 and retrieval.dense are both off, so there are no candidates")
+        window = self.filter.range_max - self.filter.range_min
+        if window < self.sample.num_negatives:
+            raise ValueError(
+                f"the rank window (range_min {self.filter.range_min}, range_max {self.filter.range_max}) holds "
+                f"fewer candidates than sample.num_negatives ({self.sample.num_negatives})"
+            )
+        depth = (self.retrieval.bm25_k if self.retrieval.bm25 else 0) + (
+            self.retrieval.dense_k if self.retrieval.dense else 0
+        )
+        if self.filter.range_min >= depth:
+            raise ValueError(
+                f"filter.range_min ({self.filter.range_min}) skips every candidate the retrievers return ({depth} at most)"
+            )
+        return self
+
+
+# Command-line option name -> dotted config key.
+CLI_KEYS: dict[str, str] = {
+    "split": "split",
+    "corpus": "corpus",
+    "queries": "queries",
+    "min_relevance": "min_relevance",
+    "skip_unknown": "skip_unknown",
+    "threads": "threads",
+    "bm25": "retrieval.bm25",
+    "bm25_k": "retrieval.bm25_k",
+    "dense": "retrieval.dense",
+    "dense_k": "retrieval.dense_k",
+    "model": "models.embedding_model",
+    "cross_encoder": "models.cross_encoder",
+    "batch_size": "models.batch_size",
+    "method": "filter.method",
+    "max_score": "filter.max_score",
+    "margin": "filter.margin",
+    "pct": "filter.pct",
+    "positive_reference": "filter.positive_reference",
+    "range_min": "filter.range_min",
+    "range_max": "filter.range_max",
+    "num_negatives": "sample.num_negatives",
+    "sampling": "sample.strategy",
+    "seed": "sample.seed",
+}
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def _line_of_key(path: Path, dotted: str) -> int | None:
+    """Best-effort line of `dotted` in a TOML file, so the error can point at it."""
+    leaf = dotted.split(".")[-1]
+    pattern = re.compile(rf"^\s*{re.escape(leaf)}\s*=")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def load_config(config_file: Path | None, overrides: dict[str, Any]) -> MineConfig:
+    """TOML file (optional) + CLI overrides (dotted keys, None = not given) -> validated config."""
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            raw = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(config_file, "config file not found", "check the --config path") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise InputError(config_file, f"not valid TOML ({error})", "fix the syntax") from None
+        # Paths in a config file are relative to the file, so a config works from any directory.
+        for key in ("data", "out", "corpus", "queries"):
+            if isinstance(raw.get(key), str):
+                raw[key] = str((config_file.parent / raw[key]).resolve())
+    for key, value in overrides.items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    try:
+        return MineConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        dotted = ".".join(str(part) for part in first["loc"])
+        from_file = config_file is not None and not any(
+            key == dotted or key.startswith(dotted + ".") for key, value in overrides.items() if value is not None
+        )
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown setting"
+        elif first["type"] == "missing":
+            message = "required setting is missing"
+        problem = f"{dotted or 'config'}: {message}"
+        fix = "see `miner mine --help` or examples/mine.toml for the settings and their ranges"
+        if from_file:
+            assert config_file is not None
+            raise InputError(config_file, problem, fix, line=_line_of_key(config_file, dotted) if dotted else None)
+        raise InputError("command line", problem, fix) from None

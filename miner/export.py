@@ -1,0 +1,107 @@
+"""Export: selected ids -> training tables with texts, written atomically, plus the manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from miner import schema
+
+NEGATIVES_FILE = "negatives.parquet"
+TRIPLETS_FILE = "triplets.parquet"
+NTUPLES_FILE = "ntuples.parquet"
+MANIFEST_FILE = "manifest.json"
+
+
+def training_rows(selected: pa.Table, queries: pa.Table, corpus: pa.Table) -> pa.Table:
+    """SELECTED -> NEGATIVES: the ids joined to their texts, in the sampler's order."""
+    texts = pl.from_arrow(corpus.select(["doc_id", "text"]))
+    frame = (
+        pl.from_arrow(selected)
+        .join(pl.from_arrow(queries.select(["query_id", "text"])).rename({"text": "query"}), on="query_id",
+              how="left", maintain_order="left")
+        .join(texts.rename({"doc_id": "positive_id", "text": "positive"}), on="positive_id", how="left",
+              maintain_order="left")
+        .join(texts.rename({"doc_id": "negative_id", "text": "negative"}), on="negative_id", how="left",
+              maintain_order="left")
+    )
+    return schema.conform(frame, schema.NEGATIVES)
+
+
+def triplets(negatives: pa.Table) -> pa.Table:
+    """(anchor, positive, negative): what MultipleNegativesRankingLoss and TripletLoss read."""
+    frame = pl.from_arrow(negatives.select(["query", "positive", "negative"]))
+    return schema.conform(frame.rename({"query": "anchor"}), schema.TRIPLETS)
+
+
+def ntuples(negatives: pa.Table, num_negatives: int) -> tuple[pa.Table, int]:
+    """(anchor, positive, negative_1..n), one row per (query, positive) that got all n negatives.
+
+    Trainers need every row to have the same columns, so pairs with fewer negatives are left out of
+    this shape (they stay in negatives.parquet and triplets.parquet) and counted.
+    """
+    frame = pl.from_arrow(negatives.select(["query_id", "positive_id", "query", "positive", "negative"]))
+    grouped = frame.group_by(["query_id", "positive_id"], maintain_order=True).agg(
+        anchor=pl.col("query").first(), positive=pl.col("positive").first(), negatives=pl.col("negative")
+    )
+    complete = grouped.filter(pl.col("negatives").list.len() >= num_negatives)
+    wide = complete.select(
+        "anchor", "positive",
+        *[pl.col("negatives").list.get(i).alias(f"negative_{i + 1}") for i in range(num_negatives)],
+    )
+    return schema.conform(wide, schema.ntuples_schema(num_negatives)), grouped.height - complete.height
+
+
+def _atomic_path(path: Path) -> tuple[int, Path]:
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return descriptor, Path(name)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see a half-file."""
+    descriptor, temporary = _atomic_path(path)
+    os.close(descriptor)
+    try:
+        pq.write_table(table, temporary, compression="zstd")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json_atomic(document: dict[str, Any], path: Path) -> None:
+    descriptor, temporary = _atomic_path(path)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def score_statistics(negatives: pa.Table) -> dict[str, dict[str, float]]:
+    """Distribution of teacher scores of the exported positives and negatives, and of their margin."""
+    frame = pl.from_arrow(negatives.select(["query_id", "positive_id", "positive_score", "negative_score"]))
+    series = {
+        "positive_score": frame.unique(["query_id", "positive_id"])["positive_score"],
+        "negative_score": frame["negative_score"],
+        "margin": frame["positive_score"] - frame["negative_score"],
+    }
+    return {name: describe(values) for name, values in series.items()}
+
+
+def describe(values: pl.Series) -> dict[str, float]:
+    if values.len() == 0:
+        return {"count": 0}
+    stats = {"count": values.len(), "mean": values.mean(), "std": values.std(), "min": values.min()}
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+        stats[f"p{int(q * 100)}"] = values.quantile(q, interpolation="linear")
+    stats["max"] = values.max()
+    return {k: (round(float(v), 6) if isinstance(v, float) else v) for k, v in stats.items() if v is not None}

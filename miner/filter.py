@@ -1,0 +1,100 @@
+"""False-negative filtering: every candidate gets a verdict, and the verdicts are counted per rule.
+
+Rules, in the order a candidate meets them (the first that applies is recorded in `dropped_by`):
+  positive              a labelled positive of the query
+  duplicate_of_positive same normalised text as one of the query's positives
+  invalid_score         the teacher returned NaN or infinity
+  rank_window           outside (range_min, range_max] of the teacher's ranking
+  topk-abs | topk-marginpos | topk-percpos
+                        the positive-aware rule of NV-Retriever (Moreira et al., 2024): a candidate the
+                        teacher scores too close to (or above) the positive is likely an unlabelled positive
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+
+from miner import schema
+from miner.config import FilterConfig
+
+RULES = ("positive", "duplicate_of_positive", "invalid_score", "rank_window", "topk-abs", "topk-marginpos",
+         "topk-percpos")
+
+
+def positive_scores(qrels: pa.Table, teacher_scores: pa.Table) -> pl.DataFrame:
+    """(query_id, positive_id, positive_score) for every labelled positive."""
+    return (
+        pl.from_arrow(qrels.select(["query_id", "doc_id"]))
+        .join(pl.from_arrow(teacher_scores), on=["query_id", "doc_id"], how="left")
+        .select("query_id", positive_id="doc_id", positive_score="teacher_score")
+    )
+
+
+def positive_reference(positives: pl.DataFrame, how: str) -> pl.DataFrame:
+    """One reference score per query from its positives' scores: min (the strictest), mean or max."""
+    score = pl.col("positive_score")
+    aggregate = {"min": score.min(), "mean": score.mean(), "max": score.max()}[how]
+    return positives.group_by("query_id").agg(positive_reference=aggregate.cast(pl.Float32))
+
+
+def score_ceiling(config: FilterConfig) -> pl.Expr | None:
+    """The teacher score above which the configured rule drops a candidate (None: no score rule)."""
+    reference = pl.col("positive_reference")
+    if config.method == "topk-abs":
+        return pl.lit(config.max_score)
+    if config.method == "topk-marginpos":
+        return reference - config.margin
+    if config.method == "topk-percpos":
+        # pct x positive, written so that it stays below the positive when the score is negative
+        # (logits): for a positive score this equals pct * reference.
+        return reference - (1.0 - config.pct) * reference.abs()
+    return None
+
+
+def positive_aware_filter(candidates: pa.Table, teacher_scores: pa.Table, qrels: pa.Table, corpus: pa.Table,
+                          config: FilterConfig) -> pa.Table:
+    """CANDIDATES + TEACHER_SCORES + QRELS + CORPUS -> JUDGED (every candidate, with its verdict)."""
+    positives = positive_scores(qrels, teacher_scores)
+    hashes = pl.from_arrow(corpus.select(["doc_id", "text_hash"]))
+    positive_hashes = (
+        pl.from_arrow(qrels.select(["query_id", "doc_id"])).join(hashes, on="doc_id")
+        .select("query_id", "text_hash").unique().with_columns(_copies_positive=pl.lit(True))
+    )
+    frame = (
+        pl.from_arrow(candidates)
+        .join(pl.from_arrow(teacher_scores), on=["query_id", "doc_id"], how="left")
+        .join(positives.select("query_id", "positive_id", _is_positive=pl.lit(True)),
+              left_on=["query_id", "doc_id"], right_on=["query_id", "positive_id"], how="left")
+        .join(hashes, on="doc_id", how="left")
+        .join(positive_hashes, on=["query_id", "text_hash"], how="left")
+        .join(positive_reference(positives, config.positive_reference), on="query_id", how="left")
+    )
+    is_positive = pl.col("_is_positive").fill_null(False)
+    copies_positive = pl.col("_copies_positive").fill_null(False)
+    invalid = pl.col("teacher_score").is_null() | ~pl.col("teacher_score").is_finite()
+    rankable = ~(is_positive | copies_positive | invalid)
+    # Rank by teacher score, ties by doc_id, counting only rankable candidates.
+    frame = frame.sort(["query_id", "teacher_score", "doc_id"], descending=[False, True, False],
+                       nulls_last=True).with_columns(
+        teacher_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id"))
+    )
+    verdict = (
+        pl.when(is_positive).then(pl.lit("positive"))
+        .when(copies_positive).then(pl.lit("duplicate_of_positive"))
+        .when(invalid).then(pl.lit("invalid_score"))
+        .when((pl.col("teacher_rank") <= config.range_min) | (pl.col("teacher_rank") > config.range_max))
+        .then(pl.lit("rank_window"))
+    )
+    ceiling = score_ceiling(config)
+    if ceiling is not None:
+        verdict = verdict.when(pl.col("teacher_score") > ceiling).then(pl.lit(config.method))
+    frame = frame.with_columns(dropped_by=verdict.otherwise(pl.lit(None, pl.String)))
+    return schema.conform(frame.sort("query_id", "fused_rank"), schema.JUDGED)
+
+
+def filter_counts(judged: pa.Table) -> dict[str, int]:
+    """How many candidates each rule removed, and how many survived."""
+    counted = pl.from_arrow(judged.select(["dropped_by"]))["dropped_by"].fill_null("kept").value_counts()
+    found = dict(zip(counted["dropped_by"].to_list(), counted["count"].to_list(), strict=True))
+    return {rule: int(found.get(rule, 0)) for rule in (*RULES, "kept")}

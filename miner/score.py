@@ -1,0 +1,87 @@
+"""Teacher scores for every (query, candidate) and (query, positive) pair."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from miner import schema
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
+
+_ROW_CHUNK = 65_536
+
+
+def teacher_pairs(candidates: pa.Table, qrels: pa.Table) -> pa.Table:
+    """CANDIDATES + QRELS -> PAIRS: each pair once, positives included (the filter compares to them)."""
+    frame = pl.concat([
+        pl.from_arrow(candidates.select(["query_id", "doc_id"])),
+        pl.from_arrow(qrels.select(["query_id", "doc_id"])),
+    ]).unique(maintain_order=True)
+    return schema.conform(frame.sort("query_id", "doc_id"), schema.PAIRS)
+
+
+def _positions(ids: pa.Array | pa.ChunkedArray, name: str) -> pl.DataFrame:
+    series = pl.from_arrow(ids)
+    assert isinstance(series, pl.Series)
+    return pl.DataFrame({name: series.cast(pl.String)}).with_row_index(f"{name}_row")
+
+
+def bi_encoder_scores(pairs: pa.Table, query_ids: pa.Array | pa.ChunkedArray, query_vectors: np.ndarray,
+                      doc_ids: pa.Array | pa.ChunkedArray, doc_vectors: np.ndarray) -> pa.Table:
+    """Cosine of normalised embeddings for each pair, reusing the vectors the dense retriever computed."""
+    frame = (
+        pl.from_arrow(pairs)
+        .join(_positions(query_ids, "query_id"), on="query_id", how="left")
+        .join(_positions(doc_ids, "doc_id"), on="doc_id", how="left")
+    )
+    missing = frame.filter(pl.col("query_id_row").is_null() | pl.col("doc_id_row").is_null())
+    if missing.height:
+        raise schema.SchemaError(f"{missing.height} pairs have no embedding, e.g. {missing.row(0)}")
+    q_rows = frame["query_id_row"].to_numpy()
+    d_rows = frame["doc_id_row"].to_numpy()
+    scores = np.empty(frame.height, dtype=np.float32)
+    for start in range(0, frame.height, _ROW_CHUNK):
+        stop = start + _ROW_CHUNK
+        scores[start:stop] = np.einsum("ij,ij->i", query_vectors[q_rows[start:stop]], doc_vectors[d_rows[start:stop]])
+    return schema.conform(frame.select("query_id", "doc_id").with_columns(teacher_score=scores),
+                          schema.TEACHER_SCORES)
+
+
+def cross_encoder_scores(pairs: pa.Table, queries: pa.Table, corpus: pa.Table, model: CrossEncoder, *,
+                         batch_size: int, show_progress: bool) -> pa.Table:
+    """Cross-encoder scores, batched across queries.
+
+    Each distinct (query text, passage text) is scored once, and pairs are scored longest first so
+    each batch pads to similar lengths.
+    """
+    texts = (
+        pl.from_arrow(pairs)
+        .join(pl.from_arrow(queries.select(["query_id", "text", "text_hash"])).rename(
+            {"text": "query", "text_hash": "query_hash"}), on="query_id", how="left")
+        .join(pl.from_arrow(corpus.select(["doc_id", "text", "text_hash"])).rename(
+            {"text": "passage", "text_hash": "passage_hash"}), on="doc_id", how="left")
+    )
+    distinct = (
+        texts.unique(["query_hash", "passage_hash"], keep="first", maintain_order=True)
+        .select("query_hash", "passage_hash", "query", "passage")
+        .with_columns(length=pl.col("query").str.len_chars() + pl.col("passage").str.len_chars())
+        .sort("length", descending=True)
+    )
+    scores = np.empty(distinct.height, dtype=np.float32)
+    if distinct.height:
+        predicted = model.predict(
+            list(zip(distinct["query"].to_list(), distinct["passage"].to_list(), strict=True)),
+            batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True,
+        )
+        predicted = np.asarray(predicted, dtype=np.float32)
+        if predicted.ndim != 1:
+            raise ValueError(f"the cross-encoder returns {predicted.shape[-1]} scores per pair; a teacher needs one")
+        scores[:] = predicted
+    scored = distinct.select("query_hash", "passage_hash").with_columns(teacher_score=scores)
+    frame = texts.join(scored, on=["query_hash", "passage_hash"], how="left")
+    return schema.conform(frame.sort("query_id", "doc_id"), schema.TEACHER_SCORES)
