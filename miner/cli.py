@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ParamSpec
 
 import typer
 
 from miner.config import CLI_KEYS, load_config
 from miner.errors import InputError
+
+P = ParamSpec("P")
 
 app = typer.Typer(
     name="miner",
@@ -20,6 +23,20 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
+    """A user mistake ends the command with one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except InputError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return run
+
 
 _SECTION = {"retrieval": "Retrieval", "models": "Models", "filter": "Filtering", "sample": "Sampling"}
 
@@ -31,6 +48,7 @@ def _opt(name: str, help: str, flag: str | None = None) -> typer.models.OptionIn
 
 
 @app.command()
+@_user_errors
 def mine(
     data: Annotated[Path | None, typer.Argument(help="BEIR folder, or a pairs table (.jsonl/.csv/.parquet)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder")] = None,
@@ -73,8 +91,7 @@ def mine(
     overrides = {CLI_KEYS[name]: value for name, value in given.items()}
     overrides.update({"data": data, "out": out, "show_progress": False if quiet else None})
     settings = load_config(config, overrides)
-    if quiet:
-        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    _prefect_logging(quiet)
     from flows.mine import mine_flow
     from miner.manifest import check_output_writable
 
@@ -86,6 +103,7 @@ def mine(
 
 
 @app.command()
+@_user_errors
 def inspect(out: Annotated[Path, typer.Argument(help="output folder of `miner mine`")],
             as_json: Annotated[bool, typer.Option("--json", help="print the counts and scores as JSON")] = False,
             ) -> None:
@@ -117,16 +135,25 @@ def inspect(out: Annotated[Path, typer.Argument(help="output folder of `miner mi
     typer.echo("\ntimings (s)  " + ", ".join(f"{k} {v}" for k, v in (summary["timings_s"] or {}).items()))
 
 
-def _quiet_user_errors() -> None:
-    """Prefect logs a task's exception with its traceback; a user error must stay one line."""
+class _DropUserErrors(logging.Filter):
+    """Prefect logs a failed task's exception with its traceback; a user error must stay one line."""
 
-    class _DropInputErrors(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            error = record.exc_info[1] if record.exc_info else None
-            return not isinstance(error, InputError) and "InputError" not in record.getMessage()
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, InputError) and "InputError" not in record.getMessage()
 
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(_DropInputErrors())
+
+def _prefect_logging(quiet: bool) -> None:
+    import prefect  # noqa: F401  (configures Prefect's loggers, which we then adjust)
+
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropUserErrors) for f in logger.filters):
+            logger.addFilter(_DropUserErrors())
+    if quiet:
+        # Prefect sets levels on its child loggers, so the parent's level alone does not quieten them.
+        for name in [n for n in logging.root.manager.loggerDict if n == "prefect" or n.startswith("prefect.")]:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main() -> None:
@@ -134,12 +161,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_user_errors()
-    try:
-        app()
-    except InputError as error:
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

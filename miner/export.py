@@ -59,8 +59,18 @@ def ntuples(negatives: pa.Table, num_negatives: int) -> tuple[pa.Table, int]:
     return schema.conform(wide, schema.ntuples_schema(num_negatives)), grouped.height - complete.height
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic_path(path: Path) -> tuple[int, Path]:
     descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(descriptor, _FILE_MODE)  # mkstemp makes 0600; outputs are shared like any written file
     return descriptor, Path(name)
 
 

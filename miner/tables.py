@@ -95,14 +95,18 @@ def read_text_table(path: Path, columns: list[str], optional: tuple[str, ...] = 
 
 def _read_parquet(source: Source) -> pa.Table:
     try:
-        return pq.read_table(source.path)
+        table = pq.read_table(source.path)
+        table.validate(full=True)
+        return table
     except (pa.ArrowInvalid, OSError) as error:
         raise source.whole(f"not a readable Parquet file ({error})", "rewrite it with a Parquet writer") from None
 
 
 def _read_jsonl(source: Source, columns: list[str]) -> pa.Table:
     try:
-        return pajson.read_json(source.path)
+        table = pajson.read_json(source.path)
+        table.validate(full=True)  # the JSON reader lets invalid UTF-8 through; this catches it
+        return table
     except pa.ArrowInvalid:
         # pyarrow reports block-relative rows and refuses mixed types (ids that are sometimes numbers);
         # scanning the file ourselves finds the exact line or reads what pyarrow would not.
@@ -116,12 +120,12 @@ def _scan_jsonl(source: Source, columns: list[str]) -> pa.Table:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8").strip())
             except UnicodeDecodeError as error:
                 raise InputError(source.path, f"not valid UTF-8 ({error.reason} at byte {error.start})",
                                  "re-encode the file as UTF-8", line=number) from None
             except json.JSONDecodeError as error:
-                raise InputError(source.path, f"not valid JSON ({error.msg} at column {error.colno})",
+                raise InputError(source.path, f"not valid JSON ({error.msg} at character {error.pos + 1})",
                                  "fix or remove that line", line=number) from None
             if not isinstance(record, dict):
                 raise InputError(source.path, "each line must be a JSON object", "wrap the values in {...}",
@@ -191,4 +195,4 @@ def normalised(text: pl.Expr) -> pl.Expr:
 
 def text_hash(text: pl.Expr) -> pl.Expr:
     """Stable content hash of the normalised text (blake2b-128, hex); polars' own hash is not stable."""
-    return normalised(text).map_batches(_blake2b_batch, return_dtype=pl.String)
+    return normalised(text).map_batches(_blake2b_batch, return_dtype=pl.String, is_elementwise=True)

