@@ -47,8 +47,9 @@ def build_bm25_index(corpus: pa.Table, index_dir: Path, *, threads: int, batch_s
         indexer.close()
 
 
-def bm25_search(index_dir: Path, queries: pa.Table, *, k: int, threads: int, k1: float = 0.9,
-                b: float = 0.4) -> pa.Table:
+def bm25_search(
+    index_dir: Path, queries: pa.Table, *, k: int, threads: int, k1: float = 0.9, b: float = 0.4
+) -> pa.Table:
     """QUERIES -> RETRIEVED: BM25 top-k per query, searched `threads` at a time inside Lucene."""
     start_jvm()
     from pyserini.search.lucene import LuceneSearcher
@@ -60,8 +61,9 @@ def bm25_search(index_dir: Path, queries: pa.Table, *, k: int, threads: int, k1:
     scores: list[float] = []
     try:
         for batch in _batches(queries, QUERY_BATCH):
-            hits = searcher.batch_search(batch.column("text").to_pylist(), batch.column("query_id").to_pylist(),
-                                         k=k, threads=threads)
+            hits = searcher.batch_search(
+                batch.column("text").to_pylist(), batch.column("query_id").to_pylist(), k=k, threads=threads
+            )
             for query_id, results in hits.items():
                 for hit in results:
                     query_ids.append(query_id)
@@ -69,15 +71,26 @@ def bm25_search(index_dir: Path, queries: pa.Table, *, k: int, threads: int, k1:
                     scores.append(hit.score)
     finally:
         searcher.close()
-    return ranked(pl.DataFrame({"query_id": query_ids, "doc_id": doc_ids, "score": scores},
-                               schema={"query_id": pl.String, "doc_id": pl.String, "score": pl.Float32}))
+    return ranked(
+        pl.DataFrame(
+            {"query_id": query_ids, "doc_id": doc_ids, "score": scores},
+            schema={"query_id": pl.String, "doc_id": pl.String, "score": pl.Float32},
+        )
+    )
 
 
 # --- dense ------------------------------------------------------------------------------------------
 
 
-def dense_search(query_ids: pa.Array | pa.ChunkedArray, query_vectors: np.ndarray, doc_ids: pa.Array | pa.ChunkedArray,
-                 doc_vectors: np.ndarray, *, k: int, threads: int) -> pa.Table:
+def dense_search(
+    query_ids: pa.Array | pa.ChunkedArray,
+    query_vectors: np.ndarray,
+    doc_ids: pa.Array | pa.ChunkedArray,
+    doc_vectors: np.ndarray,
+    *,
+    k: int,
+    threads: int,
+) -> pa.Table:
     """Exact inner-product search (cosine on normalised vectors) with faiss -> RETRIEVED."""
     import faiss
 
@@ -95,11 +108,13 @@ def dense_search(query_ids: pa.Array | pa.ChunkedArray, query_vectors: np.ndarra
     flat = found.reshape(-1)
     valid = flat >= 0  # faiss pads with -1 when it finds fewer than k
     query_rows = np.repeat(np.arange(len(query_vectors)), k)[valid]
-    frame = pl.DataFrame({
-        "query_id": _series(query_ids).gather(query_rows),
-        "doc_id": _series(doc_ids).gather(flat[valid]),
-        "score": similarity.reshape(-1)[valid].astype(np.float32),
-    })
+    frame = pl.DataFrame(
+        {
+            "query_id": _series(query_ids).gather(query_rows),
+            "doc_id": _series(doc_ids).gather(flat[valid]),
+            "score": similarity.reshape(-1)[valid].astype(np.float32),
+        }
+    )
     return ranked(frame)
 
 
@@ -121,14 +136,18 @@ def candidate_pool(bm25: pa.Table | None, dense: pa.Table | None, *, rrf_k: int 
         assert isinstance(frame, pl.DataFrame)
         return frame.rename({"rank": f"{name}_rank", "score": f"{name}_score"})
 
-    pool = prefixed(bm25, "bm25").join(prefixed(dense, "dense"), on=["query_id", "doc_id"], how="full",
-                                       coalesce=True)
+    pool = prefixed(bm25, "bm25").join(prefixed(dense, "dense"), on=["query_id", "doc_id"], how="full", coalesce=True)
     reciprocal = [(1.0 / (rrf_k + pl.col(f"{name}_rank"))).fill_null(0.0) for name in ("bm25", "dense")]
-    pool = pool.with_columns(
-        fused_score=reciprocal[0] + reciprocal[1],
-        source=pl.when(pl.col("bm25_rank").is_not_null() & pl.col("dense_rank").is_not_null()).then(pl.lit("both"))
-        .when(pl.col("bm25_rank").is_not_null()).then(pl.lit("bm25")).otherwise(pl.lit("dense")),
-    ).sort(["query_id", "fused_score", "doc_id"], descending=[False, True, False]).with_columns(
-        fused_rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("query_id")
+    pool = (
+        pool.with_columns(
+            fused_score=reciprocal[0] + reciprocal[1],
+            source=pl.when(pl.col("bm25_rank").is_not_null() & pl.col("dense_rank").is_not_null())
+            .then(pl.lit("both"))
+            .when(pl.col("bm25_rank").is_not_null())
+            .then(pl.lit("bm25"))
+            .otherwise(pl.lit("dense")),
+        )
+        .sort(["query_id", "fused_score", "doc_id"], descending=[False, True, False])
+        .with_columns(fused_rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("query_id"))
     )
     return schema.conform(pool, schema.CANDIDATES)

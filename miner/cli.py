@@ -24,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
     """A user mistake ends the command with one line on stderr and exit code 2, never a traceback."""
 
@@ -43,8 +44,7 @@ _SECTION = {"retrieval": "Retrieval", "models": "Models", "filter": "Filtering",
 
 def _opt(name: str, help: str, flag: str | None = None) -> typer.models.OptionInfo:
     section = _SECTION.get(CLI_KEYS[name].split(".")[0], "Input")
-    return typer.Option(flag or f"--{name.replace('_', '-')}", help=help, rich_help_panel=section,
-                        show_default=False)
+    return typer.Option(flag or f"--{name.replace('_', '-')}", help=help, rich_help_panel=section, show_default=False)
 
 
 @app.command()
@@ -57,8 +57,10 @@ def mine(
     corpus: Annotated[Path | None, _opt("corpus", "corpus table for a pairs input")] = None,
     queries: Annotated[Path | None, _opt("queries", "queries table when pairs name queries by id")] = None,
     min_relevance: Annotated[int | None, _opt("min_relevance", "qrels score that counts as positive [1]")] = None,
-    skip_unknown: Annotated[bool | None, _opt("skip_unknown", "skip and count qrels rows with unknown ids",
-                                              "--skip-unknown/--no-skip-unknown")] = None,
+    skip_unknown: Annotated[
+        bool | None,
+        _opt("skip_unknown", "skip and count qrels rows with unknown ids", "--skip-unknown/--no-skip-unknown"),
+    ] = None,
     threads: Annotated[int | None, _opt("threads", "threads for Lucene, faiss and torch [all cores]")] = None,
     bm25: Annotated[bool | None, _opt("bm25", "BM25 candidates [on]", "--bm25/--no-bm25")] = None,
     bm25_k: Annotated[int | None, _opt("bm25_k", "BM25 hits per query [100]")] = None,
@@ -81,12 +83,29 @@ def mine(
 ) -> None:
     """Mine hard negatives from DATA into OUT (negatives, triplets, ntuples, manifest)."""
     given = {
-        "split": split, "corpus": corpus, "queries": queries, "min_relevance": min_relevance,
-        "skip_unknown": skip_unknown, "threads": threads, "bm25": bm25, "bm25_k": bm25_k, "dense": dense,
-        "dense_k": dense_k, "model": model, "cross_encoder": cross_encoder, "batch_size": batch_size,
-        "method": method, "max_score": max_score, "margin": margin, "pct": pct,
-        "positive_reference": positive_reference, "range_min": range_min, "range_max": range_max,
-        "num_negatives": num_negatives, "sampling": sampling, "seed": seed,
+        "split": split,
+        "corpus": corpus,
+        "queries": queries,
+        "min_relevance": min_relevance,
+        "skip_unknown": skip_unknown,
+        "threads": threads,
+        "bm25": bm25,
+        "bm25_k": bm25_k,
+        "dense": dense,
+        "dense_k": dense_k,
+        "model": model,
+        "cross_encoder": cross_encoder,
+        "batch_size": batch_size,
+        "method": method,
+        "max_score": max_score,
+        "margin": margin,
+        "pct": pct,
+        "positive_reference": positive_reference,
+        "range_min": range_min,
+        "range_max": range_max,
+        "num_negatives": num_negatives,
+        "sampling": sampling,
+        "seed": seed,
     }
     overrides = {CLI_KEYS[name]: value for name, value in given.items()}
     overrides.update({"data": data, "out": out, "show_progress": False if quiet else None})
@@ -98,15 +117,18 @@ def mine(
     check_output_writable(settings.out)  # before Prefect starts, so the common mistake costs nothing
     manifest = mine_flow(settings)
     if not quiet:
-        typer.echo(f"wrote {settings.out}: {manifest['counts']['sample']['negatives']} negatives; "
-                   f"see `miner inspect {settings.out}`")
+        typer.echo(
+            f"wrote {settings.out}: {manifest['counts']['sample']['negatives']} negatives; "
+            f"see `miner inspect {settings.out}`"
+        )
 
 
 @app.command()
 @_user_errors
-def inspect(out: Annotated[Path, typer.Argument(help="output folder of `miner mine`")],
-            as_json: Annotated[bool, typer.Option("--json", help="print the counts and scores as JSON")] = False,
-            ) -> None:
+def inspect(
+    out: Annotated[Path, typer.Argument(help="output folder of `miner mine`")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the counts and scores as JSON")] = False,
+) -> None:
     """Print a run's counts per stage and score statistics from its manifest."""
     path = out / "manifest.json"
     if not path.is_file():

@@ -96,7 +96,8 @@ class MineConfig(_Section):
         )
         if self.filter.range_min >= depth:
             raise ValueError(
-                f"filter.range_min ({self.filter.range_min}) skips every candidate the retrievers return ({depth} at most)"
+                f"filter.range_min ({self.filter.range_min}) skips every candidate "
+                f"the retrievers return ({depth} at most)"
             )
         return self
 
@@ -171,7 +172,7 @@ def load_config(config_file: Path | None, overrides: dict[str, Any]) -> MineConf
         from_file = config_file is not None and not any(
             key == dotted or key.startswith(dotted + ".") for key, value in overrides.items() if value is not None
         )
-        message = first["msg"]
+        message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = "unknown setting"
         elif first["type"] == "missing":
@@ -180,5 +181,6 @@ def load_config(config_file: Path | None, overrides: dict[str, Any]) -> MineConf
         fix = "see `miner mine --help` or examples/mine.toml for the settings and their ranges"
         if from_file:
             assert config_file is not None
-            raise InputError(config_file, problem, fix, line=_line_of_key(config_file, dotted) if dotted else None)
+            line = _line_of_key(config_file, dotted) if dotted else None
+            raise InputError(config_file, problem, fix, line=line) from None
         raise InputError("command line", problem, fix) from None

@@ -25,12 +25,24 @@ def training_rows(selected: pa.Table, queries: pa.Table, corpus: pa.Table) -> pa
     texts = pl.from_arrow(corpus.select(["doc_id", "text"]))
     frame = (
         pl.from_arrow(selected)
-        .join(pl.from_arrow(queries.select(["query_id", "text"])).rename({"text": "query"}), on="query_id",
-              how="left", maintain_order="left")
-        .join(texts.rename({"doc_id": "positive_id", "text": "positive"}), on="positive_id", how="left",
-              maintain_order="left")
-        .join(texts.rename({"doc_id": "negative_id", "text": "negative"}), on="negative_id", how="left",
-              maintain_order="left")
+        .join(
+            pl.from_arrow(queries.select(["query_id", "text"])).rename({"text": "query"}),
+            on="query_id",
+            how="left",
+            maintain_order="left",
+        )
+        .join(
+            texts.rename({"doc_id": "positive_id", "text": "positive"}),
+            on="positive_id",
+            how="left",
+            maintain_order="left",
+        )
+        .join(
+            texts.rename({"doc_id": "negative_id", "text": "negative"}),
+            on="negative_id",
+            how="left",
+            maintain_order="left",
+        )
     )
     return schema.conform(frame, schema.NEGATIVES)
 
@@ -53,7 +65,8 @@ def ntuples(negatives: pa.Table, num_negatives: int) -> tuple[pa.Table, int]:
     )
     complete = grouped.filter(pl.col("negatives").list.len() >= num_negatives)
     wide = complete.select(
-        "anchor", "positive",
+        "anchor",
+        "positive",
         *[pl.col("negatives").list.get(i).alias(f"negative_{i + 1}") for i in range(num_negatives)],
     )
     return schema.conform(wide, schema.ntuples_schema(num_negatives)), grouped.height - complete.height

@@ -18,8 +18,15 @@ import pyarrow as pa
 from miner import schema
 from miner.config import FilterConfig
 
-RULES = ("positive", "duplicate_of_positive", "invalid_score", "rank_window", "topk-abs", "topk-marginpos",
-         "topk-percpos")
+RULES = (
+    "positive",
+    "duplicate_of_positive",
+    "invalid_score",
+    "rank_window",
+    "topk-abs",
+    "topk-marginpos",
+    "topk-percpos",
+)
 
 
 def positive_scores(qrels: pa.Table, teacher_scores: pa.Table) -> pl.DataFrame:
@@ -52,20 +59,28 @@ def score_ceiling(config: FilterConfig) -> pl.Expr | None:
     return None
 
 
-def positive_aware_filter(candidates: pa.Table, teacher_scores: pa.Table, qrels: pa.Table, corpus: pa.Table,
-                          config: FilterConfig) -> pa.Table:
+def positive_aware_filter(
+    candidates: pa.Table, teacher_scores: pa.Table, qrels: pa.Table, corpus: pa.Table, config: FilterConfig
+) -> pa.Table:
     """CANDIDATES + TEACHER_SCORES + QRELS + CORPUS -> JUDGED (every candidate, with its verdict)."""
     positives = positive_scores(qrels, teacher_scores)
     hashes = pl.from_arrow(corpus.select(["doc_id", "text_hash"]))
     positive_hashes = (
-        pl.from_arrow(qrels.select(["query_id", "doc_id"])).join(hashes, on="doc_id")
-        .select("query_id", "text_hash").unique().with_columns(_copies_positive=pl.lit(True))
+        pl.from_arrow(qrels.select(["query_id", "doc_id"]))
+        .join(hashes, on="doc_id")
+        .select("query_id", "text_hash")
+        .unique()
+        .with_columns(_copies_positive=pl.lit(True))
     )
     frame = (
         pl.from_arrow(candidates)
         .join(pl.from_arrow(teacher_scores), on=["query_id", "doc_id"], how="left")
-        .join(positives.select("query_id", "positive_id", _is_positive=pl.lit(True)),
-              left_on=["query_id", "doc_id"], right_on=["query_id", "positive_id"], how="left")
+        .join(
+            positives.select("query_id", "positive_id", _is_positive=pl.lit(True)),
+            left_on=["query_id", "doc_id"],
+            right_on=["query_id", "positive_id"],
+            how="left",
+        )
         .join(hashes, on="doc_id", how="left")
         .join(positive_hashes, on=["query_id", "text_hash"], how="left")
         .join(positive_reference(positives, config.positive_reference), on="query_id", how="left")
@@ -75,14 +90,16 @@ def positive_aware_filter(candidates: pa.Table, teacher_scores: pa.Table, qrels:
     invalid = pl.col("teacher_score").is_null() | ~pl.col("teacher_score").is_finite()
     rankable = ~(is_positive | copies_positive | invalid)
     # Rank by teacher score, ties by doc_id, counting only rankable candidates.
-    frame = frame.sort(["query_id", "teacher_score", "doc_id"], descending=[False, True, False],
-                       nulls_last=True).with_columns(
-        teacher_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id"))
-    )
+    frame = frame.sort(
+        ["query_id", "teacher_score", "doc_id"], descending=[False, True, False], nulls_last=True
+    ).with_columns(teacher_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id")))
     verdict = (
-        pl.when(is_positive).then(pl.lit("positive"))
-        .when(copies_positive).then(pl.lit("duplicate_of_positive"))
-        .when(invalid).then(pl.lit("invalid_score"))
+        pl.when(is_positive)
+        .then(pl.lit("positive"))
+        .when(copies_positive)
+        .then(pl.lit("duplicate_of_positive"))
+        .when(invalid)
+        .then(pl.lit("invalid_score"))
         .when((pl.col("teacher_rank") <= config.range_min) | (pl.col("teacher_rank") > config.range_max))
         .then(pl.lit("rank_window"))
     )

@@ -28,8 +28,15 @@ class Ingested:
     input_hashes: dict[str, str] = field(default_factory=dict)
 
 
-def ingest(data: Path, *, split: str | None = None, corpus: Path | None = None, queries: Path | None = None,
-           min_relevance: int = 1, skip_unknown: bool = False) -> Ingested:
+def ingest(
+    data: Path,
+    *,
+    split: str | None = None,
+    corpus: Path | None = None,
+    queries: Path | None = None,
+    min_relevance: int = 1,
+    skip_unknown: bool = False,
+) -> Ingested:
     if data.is_dir():
         return read_beir(data, split=split, min_relevance=min_relevance, skip_unknown=skip_unknown)
     if data.is_file():
@@ -51,8 +58,9 @@ def _require_ids(frame: pl.DataFrame, column: str, source: Source, what: str) ->
         again = duplicated.filter(pl.col(column) == first[column]).row(1, named=True)
         first_place = source.fail(int(first["_i"]), "", "")
         where = f"line {first_place.line}" if first_place.line is not None else f"row {first_place.row}"
-        raise source.fail(int(again["_i"]), f"duplicate {what} id '{first[column]}' (first at {where})",
-                          "make ids unique")
+        raise source.fail(
+            int(again["_i"]), f"duplicate {what} id '{first[column]}' (first at {where})", "make ids unique"
+        )
 
 
 def _with_hash(frame: pl.DataFrame) -> pl.DataFrame:
@@ -74,11 +82,13 @@ def _choose_split(folder: Path, split: str | None) -> Path:
     if split is None:
         split = "train" if "train" in available else (available[0] if len(available) == 1 else None)
         if split is None:
-            raise InputError(qrels_dir, f"several splits and none is 'train' ({', '.join(available)})",
-                             "choose one with --split")
+            raise InputError(
+                qrels_dir, f"several splits and none is 'train' ({', '.join(available)})", "choose one with --split"
+            )
     if split not in available:
-        raise InputError(qrels_dir / f"{split}.tsv", f"no such split (available: {', '.join(available)})",
-                         "choose one with --split")
+        raise InputError(
+            qrels_dir / f"{split}.tsv", f"no such split (available: {', '.join(available)})", "choose one with --split"
+        )
     return qrels_dir / f"{split}.tsv"
 
 
@@ -87,8 +97,11 @@ def _document_text(frame: pl.DataFrame) -> pl.DataFrame:
     title = pl.col("title").fill_null("").str.strip_chars() if "title" in frame.columns else pl.lit("")
     body = pl.col("text").fill_null("").str.strip_chars()
     # Many BEIR conversions already start the text with the title; do not say it twice.
-    text = (pl.when((title == "") | body.str.starts_with(title)).then(body)
-            .otherwise(pl.concat_str([title, body], separator=" ")))
+    text = (
+        pl.when((title == "") | body.str.starts_with(title))
+        .then(body)
+        .otherwise(pl.concat_str([title, body], separator=" "))
+    )
     return frame.select(doc_id=pl.col("_id"), text=text)
 
 
@@ -101,8 +114,9 @@ def read_beir_corpus(path: Path) -> tuple[pl.DataFrame, pl.Series]:
     # negative, so they are skipped and counted instead of refusing the whole corpus.
     empty_ids = frame.filter(_blank("text"))["doc_id"]
     if empty_ids.len():
-        log.warning("%s: skipping %d empty documents (ids %s)", path, empty_ids.len(),
-                    ", ".join(empty_ids.head(5).to_list()))
+        log.warning(
+            "%s: skipping %d empty documents (ids %s)", path, empty_ids.len(), ", ".join(empty_ids.head(5).to_list())
+        )
     frame = frame.filter(~_blank("text"))
     if frame.height == 0:
         raise InputError(path, "the corpus has no document with text", "add documents")
@@ -128,18 +142,23 @@ def read_qrels(path: Path) -> tuple[pl.DataFrame, Source]:
     scores = indexed.with_columns(relevance=pl.col("score").str.strip_chars().cast(pl.Int32, strict=False))
     bad = scores.filter(pl.col("relevance").is_null())
     if bad.height:
-        raise source.fail(int(bad["_i"][0]), f"score '{bad['score'][0]}' is not a whole number",
-                          "use integer relevance grades")
+        raise source.fail(
+            int(bad["_i"][0]), f"score '{bad['score'][0]}' is not a whole number", "use integer relevance grades"
+        )
     return scores.select("_i", query_id="query-id", doc_id="corpus-id", relevance="relevance"), source
 
 
-def _known_only(qrels: pl.DataFrame, source: Source, column: str, known: pl.Series, what: str,
-                skip_unknown: bool) -> tuple[pl.DataFrame, int]:
+def _known_only(
+    qrels: pl.DataFrame, source: Source, column: str, known: pl.Series, what: str, skip_unknown: bool
+) -> tuple[pl.DataFrame, int]:
     unknown = qrels.filter(~pl.col(column).is_in(known.implode()))
     if unknown.height and not skip_unknown:
         row = unknown.row(0, named=True)
-        raise source.fail(int(row["_i"]), f"unknown {what} id '{row[column]}' ({unknown.height} such rows)",
-                          f"fix the id, add the {what}, or pass --skip-unknown to skip such rows")
+        raise source.fail(
+            int(row["_i"]),
+            f"unknown {what} id '{row[column]}' ({unknown.height} such rows)",
+            f"fix the id, add the {what}, or pass --skip-unknown to skip such rows",
+        )
     return qrels.filter(pl.col(column).is_in(known.implode())), unknown.height
 
 
@@ -163,12 +182,14 @@ def read_beir(folder: Path, *, split: str | None, min_relevance: int, skip_unkno
 
     positives = (
         qrels.filter(pl.col("relevance") >= min_relevance)
-        .group_by("query_id", "doc_id").agg(pl.col("relevance").max())
+        .group_by("query_id", "doc_id")
+        .agg(pl.col("relevance").max())
         .sort("query_id", "doc_id")
     )
     if positives.height == 0:
-        raise InputError(qrels_path, f"no judgement with score >= {min_relevance}",
-                         "lower --min-relevance or check the qrels file")
+        raise InputError(
+            qrels_path, f"no judgement with score >= {min_relevance}", "lower --min-relevance or check the qrels file"
+        )
     with_positive = queries.filter(pl.col("query_id").is_in(positives["query_id"].implode()))
     counts = {
         "documents": corpus.height,
@@ -202,8 +223,11 @@ def read_corpus_table(path: Path) -> pl.DataFrame:
     frame, source = read_text_table(path, [], optional=(*CORPUS_ID_COLUMNS, "text", "title"))
     id_column = _pick(frame.columns, CORPUS_ID_COLUMNS)
     if id_column is None or "text" not in frame.columns:
-        raise InputError(path, f"a corpus table needs an id column ({', '.join(CORPUS_ID_COLUMNS)}) and 'text'",
-                         "add or rename those columns")
+        raise InputError(
+            path,
+            f"a corpus table needs an id column ({', '.join(CORPUS_ID_COLUMNS)}) and 'text'",
+            "add or rename those columns",
+        )
     frame = frame.rename({id_column: "_id"}) if id_column != "_id" else frame
     _require_ids(frame, "_id", source, "document")
     return _with_hash(_document_text(frame).filter(~_blank("text")))
@@ -227,8 +251,9 @@ def read_pairs(path: Path, *, corpus: Path | None, queries: Path | None, skip_un
     if query_text is None and queries is None:
         raise source.whole("pairs name queries by id only", "pass --queries with their texts, or add a 'query' column")
     if positive_text is None and corpus is None:
-        raise source.whole("pairs name positives by id only",
-                           "pass --corpus with the documents, or add a 'positive' column")
+        raise source.whole(
+            "pairs name positives by id only", "pass --corpus with the documents, or add a 'positive' column"
+        )
     if pairs.height == 0:
         raise source.whole("the pairs table has no rows", "add (query, positive) rows")
     rows = pairs.with_row_index("_i")
@@ -237,33 +262,47 @@ def read_pairs(path: Path, *, corpus: Path | None, queries: Path | None, skip_un
         if blank.height:
             raise source.fail(int(blank["_i"][0]), f"empty '{column}'", "fill it in or remove the row")
 
-    documents = read_corpus_table(corpus) if corpus is not None else pl.DataFrame(
-        schema={"doc_id": pl.String, "text": pl.String, "text_hash": pl.String})
+    documents = (
+        read_corpus_table(corpus)
+        if corpus is not None
+        else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String, "text_hash": pl.String})
+    )
     added = 0
     if positive_text is not None:
-        given = _with_hash(rows.select(
-            "_i", doc_id=pl.col(positive_id) if positive_id else pl.lit(None, pl.String), text=pl.col(positive_text)))
-        new = (given.join(documents.select("text_hash"), on="text_hash", how="anti")
-               .with_columns(doc_id=pl.coalesce("doc_id", pl.lit("p-") + pl.col("text_hash").str.slice(0, 16)))
-               .unique("doc_id", keep="first", maintain_order=True))
+        given = _with_hash(
+            rows.select(
+                "_i", doc_id=pl.col(positive_id) if positive_id else pl.lit(None, pl.String), text=pl.col(positive_text)
+            )
+        )
+        new = (
+            given.join(documents.select("text_hash"), on="text_hash", how="anti")
+            .with_columns(doc_id=pl.coalesce("doc_id", pl.lit("p-") + pl.col("text_hash").str.slice(0, 16)))
+            .unique("doc_id", keep="first", maintain_order=True)
+        )
         clash = new.join(documents.select("doc_id"), on="doc_id", how="semi")
         if clash.height:
-            raise source.fail(int(clash["_i"][0]), f"positive_id '{clash['doc_id'][0]}' names a corpus document "
-                              "with a different text", "fix the id or the text")
+            raise source.fail(
+                int(clash["_i"][0]),
+                f"positive_id '{clash['doc_id'][0]}' names a corpus document with a different text",
+                "fix the id or the text",
+            )
         added = new.height
         documents = pl.concat([documents, new.select("doc_id", "text", "text_hash")])
         # A positive given as text is the corpus document with that content.
         by_hash = documents.unique("text_hash", keep="first", maintain_order=True).select("text_hash", "doc_id")
-        rows = rows.with_columns(_positive=given.join(by_hash, on="text_hash", how="left", suffix="_corpus")
-                                 .sort("_i")["doc_id_corpus"])
+        rows = rows.with_columns(
+            _positive=given.join(by_hash, on="text_hash", how="left", suffix="_corpus").sort("_i")["doc_id_corpus"]
+        )
     else:
         rows = rows.with_columns(_positive=pl.col(positive_id))
 
     if query_text is not None:
-        rows = rows.with_columns(_query=pl.col(query_id) if query_id
-                                 else pl.lit("q-") + text_hash(pl.col(query_text)).str.slice(0, 16))
+        rows = rows.with_columns(
+            _query=pl.col(query_id) if query_id else pl.lit("q-") + text_hash(pl.col(query_text)).str.slice(0, 16)
+        )
         query_table = _with_hash(rows.select(query_id=pl.col("_query"), text=pl.col(query_text))).unique(
-            "query_id", keep="first", maintain_order=True)
+            "query_id", keep="first", maintain_order=True
+        )
     else:
         assert queries is not None
         query_table = read_beir_queries(queries)

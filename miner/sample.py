@@ -20,8 +20,9 @@ def _stable_keys(keys: pl.Series) -> pl.Series:
     )
 
 
-def sample_negatives(judged: pa.Table, qrels: pa.Table, teacher_scores: pa.Table,
-                     config: SampleConfig) -> tuple[pa.Table, dict[str, int]]:
+def sample_negatives(
+    judged: pa.Table, qrels: pa.Table, teacher_scores: pa.Table, config: SampleConfig
+) -> tuple[pa.Table, dict[str, int]]:
     """JUDGED + QRELS -> SELECTED and counts.
 
     `top` takes the teacher's hardest survivors; `random` draws uniformly from the survivors with a
@@ -43,9 +44,16 @@ def sample_negatives(judged: pa.Table, qrels: pa.Table, teacher_scores: pa.Table
         .group_by(["query_id", "positive_id"], maintain_order=True)
         .head(config.num_negatives)
         .select(
-            "query_id", "positive_id", negative_id="doc_id", positive_score="positive_score",
-            negative_score="teacher_score", negative_rank="teacher_rank", source="source",
-            bm25_rank="bm25_rank", dense_rank="dense_rank", fused_rank="fused_rank",
+            "query_id",
+            "positive_id",
+            negative_id="doc_id",
+            positive_score="positive_score",
+            negative_score="teacher_score",
+            negative_rank="teacher_rank",
+            source="source",
+            bm25_rank="bm25_rank",
+            dense_rank="dense_rank",
+            fused_rank="fused_rank",
         )
     )
     per_pair = positives.join(

@@ -18,10 +18,12 @@ _ROW_CHUNK = 65_536
 
 def teacher_pairs(candidates: pa.Table, qrels: pa.Table) -> pa.Table:
     """CANDIDATES + QRELS -> PAIRS: each pair once, positives included (the filter compares to them)."""
-    frame = pl.concat([
-        pl.from_arrow(candidates.select(["query_id", "doc_id"])),
-        pl.from_arrow(qrels.select(["query_id", "doc_id"])),
-    ]).unique(maintain_order=True)
+    frame = pl.concat(
+        [
+            pl.from_arrow(candidates.select(["query_id", "doc_id"])),
+            pl.from_arrow(qrels.select(["query_id", "doc_id"])),
+        ]
+    ).unique(maintain_order=True)
     return schema.conform(frame.sort("query_id", "doc_id"), schema.PAIRS)
 
 
@@ -31,8 +33,13 @@ def _positions(ids: pa.Array | pa.ChunkedArray, name: str) -> pl.DataFrame:
     return pl.DataFrame({name: series.cast(pl.String)}).with_row_index(f"{name}_row")
 
 
-def bi_encoder_scores(pairs: pa.Table, query_ids: pa.Array | pa.ChunkedArray, query_vectors: np.ndarray,
-                      doc_ids: pa.Array | pa.ChunkedArray, doc_vectors: np.ndarray) -> pa.Table:
+def bi_encoder_scores(
+    pairs: pa.Table,
+    query_ids: pa.Array | pa.ChunkedArray,
+    query_vectors: np.ndarray,
+    doc_ids: pa.Array | pa.ChunkedArray,
+    doc_vectors: np.ndarray,
+) -> pa.Table:
     """Cosine of normalised embeddings for each pair, reusing the vectors the dense retriever computed."""
     frame = (
         pl.from_arrow(pairs)
@@ -48,12 +55,12 @@ def bi_encoder_scores(pairs: pa.Table, query_ids: pa.Array | pa.ChunkedArray, qu
     for start in range(0, frame.height, _ROW_CHUNK):
         stop = start + _ROW_CHUNK
         scores[start:stop] = np.einsum("ij,ij->i", query_vectors[q_rows[start:stop]], doc_vectors[d_rows[start:stop]])
-    return schema.conform(frame.select("query_id", "doc_id").with_columns(teacher_score=scores),
-                          schema.TEACHER_SCORES)
+    return schema.conform(frame.select("query_id", "doc_id").with_columns(teacher_score=scores), schema.TEACHER_SCORES)
 
 
-def cross_encoder_scores(pairs: pa.Table, queries: pa.Table, corpus: pa.Table, model: CrossEncoder, *,
-                         batch_size: int, show_progress: bool) -> pa.Table:
+def cross_encoder_scores(
+    pairs: pa.Table, queries: pa.Table, corpus: pa.Table, model: CrossEncoder, *, batch_size: int, show_progress: bool
+) -> pa.Table:
     """Cross-encoder scores, batched across queries.
 
     Each distinct (query text, passage text) is scored once, and pairs are scored longest first so
@@ -61,10 +68,20 @@ def cross_encoder_scores(pairs: pa.Table, queries: pa.Table, corpus: pa.Table, m
     """
     texts = (
         pl.from_arrow(pairs)
-        .join(pl.from_arrow(queries.select(["query_id", "text", "text_hash"])).rename(
-            {"text": "query", "text_hash": "query_hash"}), on="query_id", how="left")
-        .join(pl.from_arrow(corpus.select(["doc_id", "text", "text_hash"])).rename(
-            {"text": "passage", "text_hash": "passage_hash"}), on="doc_id", how="left")
+        .join(
+            pl.from_arrow(queries.select(["query_id", "text", "text_hash"])).rename(
+                {"text": "query", "text_hash": "query_hash"}
+            ),
+            on="query_id",
+            how="left",
+        )
+        .join(
+            pl.from_arrow(corpus.select(["doc_id", "text", "text_hash"])).rename(
+                {"text": "passage", "text_hash": "passage_hash"}
+            ),
+            on="doc_id",
+            how="left",
+        )
     )
     distinct = (
         texts.unique(["query_hash", "passage_hash"], keep="first", maintain_order=True)
@@ -76,7 +93,9 @@ def cross_encoder_scores(pairs: pa.Table, queries: pa.Table, corpus: pa.Table, m
     if distinct.height:
         predicted = model.predict(
             list(zip(distinct["query"].to_list(), distinct["passage"].to_list(), strict=True)),
-            batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True,
+            batch_size=batch_size,
+            show_progress_bar=show_progress,
+            convert_to_numpy=True,
         )
         predicted = np.asarray(predicted, dtype=np.float32)
         if predicted.ndim != 1:

@@ -86,7 +86,7 @@ def read_text_table(path: Path, columns: list[str], optional: tuple[str, ...] = 
     casts = []
     for name in wanted:
         dtype = frame.schema[name]
-        if dtype in (pl.List, pl.Struct, pl.Array) or isinstance(dtype, pl.List | pl.Struct | pl.Array):
+        if dtype.is_nested():
             index = frame.with_row_index("_i").filter(pl.col(name).is_not_null())["_i"][0]
             raise source.fail(int(index), f"column '{name}' holds nested values, not text", "store it as a string")
         casts.append(pl.col(name).cast(pl.String))
@@ -122,19 +122,32 @@ def _scan_jsonl(source: Source, columns: list[str]) -> pa.Table:
             try:
                 record = json.loads(raw.decode("utf-8").strip())
             except UnicodeDecodeError as error:
-                raise InputError(source.path, f"not valid UTF-8 ({error.reason} at byte {error.start})",
-                                 "re-encode the file as UTF-8", line=number) from None
+                raise InputError(
+                    source.path,
+                    f"not valid UTF-8 ({error.reason} at byte {error.start})",
+                    "re-encode the file as UTF-8",
+                    line=number,
+                ) from None
             except json.JSONDecodeError as error:
-                raise InputError(source.path, f"not valid JSON ({error.msg} at character {error.pos + 1})",
-                                 "fix or remove that line", line=number) from None
+                raise InputError(
+                    source.path,
+                    f"not valid JSON ({error.msg} at character {error.pos + 1})",
+                    "fix or remove that line",
+                    line=number,
+                ) from None
             if not isinstance(record, dict):
-                raise InputError(source.path, "each line must be a JSON object", "wrap the values in {...}",
-                                 line=number)
+                raise InputError(
+                    source.path, "each line must be a JSON object", "wrap the values in {...}", line=number
+                )
             for name in columns:
                 value = record.get(name)
-                if isinstance(value, bool) or isinstance(value, list | dict):
-                    raise InputError(source.path, f"field '{name}' must be text, got {type(value).__name__}",
-                                     "store it as a string", line=number)
+                if isinstance(value, bool | list | dict):
+                    raise InputError(
+                        source.path,
+                        f"field '{name}' must be text, got {type(value).__name__}",
+                        "store it as a string",
+                        line=number,
+                    )
                 values[name].append(None if value is None else str(value))
     present = {name: column for name, column in values.items() if any(v is not None for v in column)}
     return pa.table({name: pa.array(column, pa.string()) for name, column in present.items()})
@@ -163,11 +176,16 @@ def _locate_delimited_error(source: Source, delimiter: str, width: int, message:
             reader = csv.reader(handle, delimiter=delimiter, strict=True)
             for row in reader:
                 if len(row) != width:
-                    return InputError(source.path, f"expected {width} fields, found {len(row)}",
-                                      "fix the quoting or the number of separators", line=reader.line_num)
+                    return InputError(
+                        source.path,
+                        f"expected {width} fields, found {len(row)}",
+                        "fix the quoting or the number of separators",
+                        line=reader.line_num,
+                    )
     except csv.Error as error:
-        return InputError(source.path, f"malformed {source.format.upper()} ({error})", "fix the quoting",
-                          line=reader.line_num)
+        return InputError(
+            source.path, f"malformed {source.format.upper()} ({error})", "fix the quoting", line=reader.line_num
+        )
     except UnicodeDecodeError as error:
         line = source.path.read_bytes()[: error.start].count(b"\n") + 1
         return InputError(source.path, "not valid UTF-8", "re-encode the file as UTF-8", line=line)

@@ -18,7 +18,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 # Prefect binds its console handler to the stderr it sees at import: import it here, not inside a
 # CliRunner invocation whose captured stream is closed afterwards.
-import prefect  # noqa: E402, F401
+import prefect  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 CRANFIELD = ROOT / "data" / "cranfield"
@@ -34,8 +34,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple[str, str, int]],
-               split: str = "test") -> Path:
+def write_beir(
+    folder: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple[str, str, int]], split: str = "test"
+) -> Path:
     write_jsonl(folder / "corpus.jsonl", corpus)
     write_jsonl(folder / "queries.jsonl", queries)
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
@@ -88,8 +89,15 @@ def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory, bundled_model_p
 
     folder = tmp_path_factory.mktemp("tiny-cross-encoder")
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512, num_labels=1)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+    )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

@@ -50,8 +50,9 @@ def test_dense_search_matches_brute_force(small, embedding_model) -> None:
     queries = encode(embedding_model, small.queries["text"], kind="query", batch_size=32, show_progress=False)
     documents = encode(embedding_model, small.corpus["text"], kind="document", batch_size=32, show_progress=False)
     assert np.allclose(np.linalg.norm(documents, axis=1), 1.0, atol=1e-5)
-    hits = pl.from_arrow(dense_search(small.queries["query_id"], queries, small.corpus["doc_id"], documents,
-                                      k=7, threads=2))
+    hits = pl.from_arrow(
+        dense_search(small.queries["query_id"], queries, small.corpus["doc_id"], documents, k=7, threads=2)
+    )
     doc_ids = np.array(small.corpus["doc_id"].to_pylist())
     for row, query_id in enumerate(small.queries["query_id"].to_pylist()):
         similarity = documents @ queries[row]

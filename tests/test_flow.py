@@ -28,8 +28,19 @@ def run_cli(*args: str | Path) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def mined(small_beir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
-    code, _, stderr = run_cli("mine", small_beir, "--out", out, "--quiet", "--method", "topk-marginpos",
-                              "--margin", "0.05", "--num-negatives", "4")
+    code, _, stderr = run_cli(
+        "mine",
+        small_beir,
+        "--out",
+        out,
+        "--quiet",
+        "--method",
+        "topk-marginpos",
+        "--margin",
+        "0.05",
+        "--num-negatives",
+        "4",
+    )
     assert code == 0, stderr
     return out
 
@@ -53,8 +64,11 @@ def test_outputs_and_manifest_agree(mined: Path, small_beir: Path) -> None:
 
 def test_no_negative_is_a_positive_or_a_copy_of_one(mined: Path, small_beir: Path) -> None:
     negatives = pl.read_parquet(mined / "negatives.parquet")
-    qrels = pl.read_csv(small_beir / "qrels" / "test.tsv", separator="\t", schema_overrides={
-        "query-id": pl.String, "corpus-id": pl.String})
+    qrels = pl.read_csv(
+        small_beir / "qrels" / "test.tsv",
+        separator="\t",
+        schema_overrides={"query-id": pl.String, "corpus-id": pl.String},
+    )
     positives = qrels.filter(pl.col("score") >= 1).select(query_id="query-id", negative_id="corpus-id")
     assert negatives.join(positives, on=["query_id", "negative_id"], how="semi").height == 0
     assert (negatives["negative"] != negatives["positive"]).all()
@@ -94,8 +108,22 @@ def test_inspect_prints_counts(mined: Path) -> None:
 
 def test_cross_encoder_teacher_with_bm25_only(small_beir: Path, tiny_cross_encoder: Path, tmp_path: Path) -> None:
     out = tmp_path / "ce"
-    code, _, stderr = run_cli("mine", small_beir, "--out", out, "-q", "--no-dense", "--cross-encoder",
-                              tiny_cross_encoder, "--method", "none", "--sampling", "random", "--seed", "3")
+    code, _, stderr = run_cli(
+        "mine",
+        small_beir,
+        "--out",
+        out,
+        "-q",
+        "--no-dense",
+        "--cross-encoder",
+        tiny_cross_encoder,
+        "--method",
+        "none",
+        "--sampling",
+        "random",
+        "--seed",
+        "3",
+    )
     assert code == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher"].startswith("cross-encoder:")
@@ -134,15 +162,23 @@ def test_bad_row_inside_the_flow_is_one_line_and_writes_nothing(small_beir: Path
     (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\tnope\t2\n")
     code, _, stderr = run_cli("mine", folder, "--out", tmp_path / "out", "-q")
     assert code == 2
-    assert stderr.strip() == (f"error: {folder / 'qrels' / 'test.tsv'}:2: unknown document id 'nope' (1 such rows); "
-                              "fix the id, add the document, or pass --skip-unknown to skip such rows")
+    assert stderr.strip() == (
+        f"error: {folder / 'qrels' / 'test.tsv'}:2: unknown document id 'nope' (1 such rows); "
+        "fix the id, add the document, or pass --skip-unknown to skip such rows"
+    )
     assert not (tmp_path / "out").exists()
 
 
 def _subprocess(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", "")}
-    return subprocess.run([sys.executable, "-m", "miner.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "miner.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize(
@@ -172,5 +208,7 @@ def test_unknown_config_key_names_the_line(small_beir: Path, tmp_path: Path) -> 
     config.write_text('out = "o"\n\n[filter]\nmethod = "none"\nmargn = 0.1\n')
     result = _subprocess("mine", small_beir, "--config", config, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: {config}:5: filter.margn: unknown setting; see `miner mine --help` "
-                                     "or examples/mine.toml for the settings and their ranges")
+    assert result.stderr.strip() == (
+        f"error: {config}:5: filter.margn: unknown setting; see `miner mine --help` "
+        "or examples/mine.toml for the settings and their ranges"
+    )

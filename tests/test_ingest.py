@@ -40,28 +40,40 @@ def test_beir_documents_join_title_and_text_and_hash_normalised_text(tmp_path: P
     assert texts["d3"] == "Shock waves in nozzles"  # text already starts with the title
     # Judgement 0 is not a positive; q2 keeps only d2.
     assert sorted(zip(data.qrels["query_id"].to_pylist(), data.qrels["doc_id"].to_pylist(), strict=True)) == [
-        ("q1", "d1"), ("q2", "d2")]
-    respaced = ingest(write_beir(tmp_path / "b", [{**DOCS[1], "text": "boundary layer transition "}], QUERIES[1:],
-                                 [("q2", "d2", 1)]))
+        ("q1", "d1"),
+        ("q2", "d2"),
+    ]
+    respaced = ingest(
+        write_beir(tmp_path / "b", [{**DOCS[1], "text": "boundary layer transition "}], QUERIES[1:], [("q2", "d2", 1)])
+    )
     assert respaced.corpus["text_hash"][0] == data.corpus["text_hash"][1]
 
 
 def test_numeric_ids_are_read_as_text(tmp_path: Path) -> None:
-    folder = write_beir(tmp_path, [{"_id": 7, "text": "a passage"}, {"_id": "x8", "text": "another"}],
-                        [{"_id": 1, "text": "a query"}], [("1", "7", 1)])
+    folder = write_beir(
+        tmp_path,
+        [{"_id": 7, "text": "a passage"}, {"_id": "x8", "text": "another"}],
+        [{"_id": 1, "text": "a query"}],
+        [("1", "7", 1)],
+    )
     data = ingest(folder)
     assert data.corpus["doc_id"].to_pylist() == ["7", "x8"]
     assert data.qrels["query_id"].to_pylist() == ["1"]
 
 
 def test_pairs_table_by_text_builds_corpus_and_several_positives(tmp_path: Path) -> None:
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"anchor": "what lifts a wing", "positive": "lift on a swept wing"},
-        {"anchor": "what lifts a wing", "positive": "circulation creates lift"},
-        {"anchor": "shock", "positive": "Shock waves in nozzles"},
-    ])
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"doc_id": "c1", "text": "lift on a  swept wing"},
-                                                     {"doc_id": "c2", "text": "unrelated passage"}])
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"anchor": "what lifts a wing", "positive": "lift on a swept wing"},
+            {"anchor": "what lifts a wing", "positive": "circulation creates lift"},
+            {"anchor": "shock", "positive": "Shock waves in nozzles"},
+        ],
+    )
+    corpus = write_jsonl(
+        tmp_path / "corpus.jsonl",
+        [{"doc_id": "c1", "text": "lift on a  swept wing"}, {"doc_id": "c2", "text": "unrelated passage"}],
+    )
     data = ingest(pairs, corpus=corpus)
     assert data.counts["documents"] == 4 and data.counts["documents_added_from_pairs"] == 2
     assert data.counts["queries_with_positives"] == 2 and data.counts["positives"] == 3
@@ -115,11 +127,15 @@ def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (lambda d, q, r: ([{"_id": x["_id"], "body": x["text"]} for x in d], q, r),
-         "corpus.jsonl: missing column 'text'"),
+        (
+            lambda d, q, r: ([{"_id": x["_id"], "body": x["text"]} for x in d], q, r),
+            "corpus.jsonl: missing column 'text'",
+        ),
         (lambda d, q, r: ([*d, {"_id": "", "text": "x"}], q, r), "corpus.jsonl:4: empty document id"),
-        (lambda d, q, r: ([*d, {"_id": "d2", "text": "x"}], q, r),
-         "corpus.jsonl:4: duplicate document id 'd2' (first at line 2)"),
+        (
+            lambda d, q, r: ([*d, {"_id": "d2", "text": "x"}], q, r),
+            "corpus.jsonl:4: duplicate document id 'd2' (first at line 2)",
+        ),
         (lambda d, q, r: (d, [*q, {"_id": "q3", "text": "  "}], r), "queries.jsonl:3: query 'q3' has no text"),
         (lambda d, q, r: (d, q, [*r, ("q9", "d1", 1)]), "test.tsv:5: unknown query id 'q9'"),
         (lambda d, q, r: (d, q, [*r, ("q1", "d9", 1)]), "test.tsv:5: unknown document id 'd9'"),
@@ -128,8 +144,18 @@ def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
         (lambda d, q, r: (d, q, [("q1", "d1", 0)]), "no judgement with score >= 1"),
         (lambda d, q, r: ([*d, {"_id": "d4", "text": ["a", "list"]}], q, r), "field 'text' must be text"),
     ],
-    ids=["missing-column", "empty-id", "duplicate-id", "empty-query", "unknown-query", "unknown-document",
-         "bad-score", "empty-corpus", "no-positive", "nested-value"],
+    ids=[
+        "missing-column",
+        "empty-id",
+        "duplicate-id",
+        "empty-query",
+        "unknown-query",
+        "unknown-document",
+        "bad-score",
+        "empty-corpus",
+        "no-positive",
+        "nested-value",
+    ],
 )
 def test_bad_beir_input_is_refused_with_its_place(tmp_path: Path, change, expected: str) -> None:
     folder = write_beir(tmp_path, *change(DOCS, QUERIES, QRELS))

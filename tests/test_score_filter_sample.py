@@ -27,15 +27,17 @@ def small(small_beir: Path):
 def _some_pairs(small) -> pa.Table:
     docs = small.corpus["doc_id"].to_pylist()[:6]
     queries = small.queries["query_id"].to_pylist()[:3]
-    return schema.conform(pl.DataFrame({"query_id": [q for q in queries for _ in docs],
-                                        "doc_id": docs * len(queries)}), schema.PAIRS)
+    return schema.conform(
+        pl.DataFrame({"query_id": [q for q in queries for _ in docs], "doc_id": docs * len(queries)}), schema.PAIRS
+    )
 
 
 def test_bi_encoder_scores_are_cosines(small, embedding_model) -> None:
     queries = encode(embedding_model, small.queries["text"], kind="query", batch_size=16, show_progress=False)
     documents = encode(embedding_model, small.corpus["text"], kind="document", batch_size=16, show_progress=False)
-    scores = pl.from_arrow(bi_encoder_scores(_some_pairs(small), small.queries["query_id"], queries,
-                                             small.corpus["doc_id"], documents))
+    scores = pl.from_arrow(
+        bi_encoder_scores(_some_pairs(small), small.queries["query_id"], queries, small.corpus["doc_id"], documents)
+    )
     q_row = {q: i for i, q in enumerate(small.queries["query_id"].to_pylist())}
     d_row = {d: i for i, d in enumerate(small.corpus["doc_id"].to_pylist())}
     for query_id, doc_id, score in scores.iter_rows():
@@ -45,8 +47,9 @@ def test_bi_encoder_scores_are_cosines(small, embedding_model) -> None:
 def test_cross_encoder_scores_match_per_pair_predictions(small, tiny_cross_encoder: Path) -> None:
     model = load_cross_encoder(resolve_model(str(tiny_cross_encoder)))
     pairs = _some_pairs(small)
-    scores = pl.from_arrow(cross_encoder_scores(pairs, small.queries, small.corpus, model, batch_size=4,
-                                                show_progress=False))
+    scores = pl.from_arrow(
+        cross_encoder_scores(pairs, small.queries, small.corpus, model, batch_size=4, show_progress=False)
+    )
     assert scores.height == pairs.num_rows
     query_text = dict(zip(small.queries["query_id"].to_pylist(), small.queries["text"].to_pylist(), strict=True))
     doc_text = dict(zip(small.corpus["doc_id"].to_pylist(), small.corpus["text"].to_pylist(), strict=True))
@@ -56,12 +59,25 @@ def test_cross_encoder_scores_match_per_pair_predictions(small, tiny_cross_encod
 
 
 def test_teacher_pairs_include_positives_once() -> None:
-    pool = schema.conform(pl.DataFrame({
-        "query_id": ["q", "q"], "doc_id": ["a", "p"], "bm25_rank": [1, 2], "bm25_score": [1.0, 0.5],
-        "dense_rank": [None, None], "dense_score": [None, None], "fused_score": [0.1, 0.05],
-        "fused_rank": [1, 2], "source": ["bm25", "bm25"]}), schema.CANDIDATES)
-    qrels = schema.conform(pl.DataFrame({"query_id": ["q", "q"], "doc_id": ["p", "z"], "relevance": [1, 1]}),
-                           schema.QRELS)
+    pool = schema.conform(
+        pl.DataFrame(
+            {
+                "query_id": ["q", "q"],
+                "doc_id": ["a", "p"],
+                "bm25_rank": [1, 2],
+                "bm25_score": [1.0, 0.5],
+                "dense_rank": [None, None],
+                "dense_score": [None, None],
+                "fused_score": [0.1, 0.05],
+                "fused_rank": [1, 2],
+                "source": ["bm25", "bm25"],
+            }
+        ),
+        schema.CANDIDATES,
+    )
+    qrels = schema.conform(
+        pl.DataFrame({"query_id": ["q", "q"], "doc_id": ["p", "z"], "relevance": [1, 1]}), schema.QRELS
+    )
     assert sorted(teacher_pairs(pool, qrels)["doc_id"].to_pylist()) == ["a", "p", "z"]
 
 
@@ -71,20 +87,49 @@ def test_teacher_pairs_include_positives_once() -> None:
 def _world(candidate_scores: dict[str, float], positive_scores: dict[str, float], texts: dict[str, str] | None = None):
     """One query 'q': candidates with teacher scores, positives with theirs."""
     ids = list(candidate_scores)
-    pool = schema.conform(pl.DataFrame({
-        "query_id": ["q"] * len(ids), "doc_id": ids, "bm25_rank": list(range(1, len(ids) + 1)),
-        "bm25_score": [1.0] * len(ids), "dense_rank": [None] * len(ids), "dense_score": [None] * len(ids),
-        "fused_score": [1.0 / (61 + i) for i in range(len(ids))], "fused_rank": list(range(1, len(ids) + 1)),
-        "source": ["bm25"] * len(ids)}, schema_overrides={"dense_rank": pl.Int32, "dense_score": pl.Float32}),
-        schema.CANDIDATES)
+    pool = schema.conform(
+        pl.DataFrame(
+            {
+                "query_id": ["q"] * len(ids),
+                "doc_id": ids,
+                "bm25_rank": list(range(1, len(ids) + 1)),
+                "bm25_score": [1.0] * len(ids),
+                "dense_rank": [None] * len(ids),
+                "dense_score": [None] * len(ids),
+                "fused_score": [1.0 / (61 + i) for i in range(len(ids))],
+                "fused_rank": list(range(1, len(ids) + 1)),
+                "source": ["bm25"] * len(ids),
+            },
+            schema_overrides={"dense_rank": pl.Int32, "dense_score": pl.Float32},
+        ),
+        schema.CANDIDATES,
+    )
     every = {**candidate_scores, **positive_scores}
-    scores = schema.conform(pl.DataFrame({"query_id": ["q"] * len(every), "doc_id": list(every),
-                                          "teacher_score": list(every.values())}), schema.TEACHER_SCORES)
-    qrels = schema.conform(pl.DataFrame({"query_id": ["q"] * len(positive_scores), "doc_id": list(positive_scores),
-                                         "relevance": [1] * len(positive_scores)}), schema.QRELS)
+    scores = schema.conform(
+        pl.DataFrame({"query_id": ["q"] * len(every), "doc_id": list(every), "teacher_score": list(every.values())}),
+        schema.TEACHER_SCORES,
+    )
+    qrels = schema.conform(
+        pl.DataFrame(
+            {
+                "query_id": ["q"] * len(positive_scores),
+                "doc_id": list(positive_scores),
+                "relevance": [1] * len(positive_scores),
+            }
+        ),
+        schema.QRELS,
+    )
     texts = texts or {}
-    corpus = schema.conform(pl.DataFrame({"doc_id": list(every), "text": [texts.get(d, d) for d in every],
-                                          "text_hash": [texts.get(d, d) for d in every]}), schema.CORPUS)
+    corpus = schema.conform(
+        pl.DataFrame(
+            {
+                "doc_id": list(every),
+                "text": [texts.get(d, d) for d in every],
+                "text_hash": [texts.get(d, d) for d in every],
+            }
+        ),
+        schema.CORPUS,
+    )
     return pool, scores, qrels, corpus
 
 
@@ -120,11 +165,20 @@ def test_positive_reference_with_several_positives(reference: str, kept: list[st
 
 
 def test_rank_window_duplicates_and_invalid_scores() -> None:
-    world = _world({"a": 0.9, "b": 0.8, "copy": 0.7, "c": 0.6, "d": 0.5, "nan": math.nan}, {"p": 0.95},
-                   texts={"copy": "same text", "p": "same text"})
+    world = _world(
+        {"a": 0.9, "b": 0.8, "copy": 0.7, "c": 0.6, "d": 0.5, "nan": math.nan},
+        {"p": 0.95},
+        texts={"copy": "same text", "p": "same text"},
+    )
     verdicts = _verdicts(world, method="none", range_min=1, range_max=3)
-    assert verdicts == {"a": "rank_window", "b": None, "copy": "duplicate_of_positive", "c": None,
-                        "d": "rank_window", "nan": "invalid_score"}
+    assert verdicts == {
+        "a": "rank_window",
+        "b": None,
+        "copy": "duplicate_of_positive",
+        "c": None,
+        "d": "rank_window",
+        "nan": "invalid_score",
+    }
     judged = positive_aware_filter(*world, FilterConfig(method="none", range_min=1, range_max=3))
     assert pl.from_arrow(judged).filter(pl.col("doc_id") == "c")["teacher_rank"][0] == 3
     counts = filter_counts(judged)
