@@ -181,6 +181,9 @@ def _prefect_logging(quiet: bool) -> None:
 def main() -> None:
     # Offline by default: no telemetry calls from Prefect or the hub client.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server's first start creates its database; on a busy two-core machine that took longer
+    # than Prefect's default 20 s, and the run failed before it began.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

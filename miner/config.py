@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from miner.errors import InputError
 
@@ -80,6 +80,12 @@ class MineConfig(_Section):
     models: ModelConfig = ModelConfig()
     filter: FilterConfig = FilterConfig()
     sample: SampleConfig = SampleConfig()
+
+    @field_validator("data", "out", "corpus", "queries")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        # Absolute, so that the manifest and a scheduled run mean the same files wherever they run from.
+        return path.expanduser().resolve() if path is not None else None
 
     @model_validator(mode="after")
     def _can_produce_negatives(self) -> MineConfig:

@@ -105,9 +105,13 @@ def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory, bundled_model_p
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """A real Prefect API (temporary SQLite database, server subprocess on loopback) for the whole session."""
+def prefect_server() -> Iterator[str]:
+    """A real Prefect API (temporary SQLite database, server subprocess on loopback) for the whole session.
+
+    Yields the API URL, for processes that should report to it through PREFECT_API_URL.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield
+        yield SubprocessASGIServer._instances[None].api_url

@@ -169,8 +169,8 @@ def test_bad_row_inside_the_flow_is_one_line_and_writes_nothing(small_beir: Path
     assert not (tmp_path / "out").exists()
 
 
-def _subprocess(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", "")}
+def _subprocess(*args: str | Path, cwd: Path, **env_updates: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env_updates
     return subprocess.run(
         [sys.executable, "-m", "miner.cli", *map(str, args)],
         capture_output=True,
@@ -212,3 +212,44 @@ def test_unknown_config_key_names_the_line(small_beir: Path, tmp_path: Path) -> 
         f"error: {config}:5: filter.margn: unknown setting; see `miner mine --help` "
         "or examples/mine.toml for the settings and their ranges"
     )
+
+
+def test_a_process_reports_to_the_server_in_prefect_api_url(
+    small_beir: Path, tmp_path: Path, prefect_server: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    result = _subprocess(
+        "mine",
+        small_beir,
+        "--out",
+        "out",
+        "-q",
+        "--no-bm25",
+        "--num-negatives",
+        "2",
+        cwd=tmp_path,
+        PREFECT_API_URL=prefect_server,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["mine-hard-negatives"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=200,
+        )
+    reported = [r for r in runs if r.parameters.get("config", {}).get("out") == str(tmp_path / "out")]
+    assert len(reported) == 1 and reported[0].state is not None and reported[0].state.is_completed()
+    assert reported[0].parameters["config"]["sample"]["num_negatives"] == manifest["config"]["sample"]["num_negatives"]
+
+
+def test_a_process_with_no_server_runs_prefect_ephemerally(small_beir: Path, tmp_path: Path) -> None:
+    result = _subprocess(
+        "mine", small_beir, "--out", "out", "-q", "--no-bm25", cwd=tmp_path, PREFECT_HOME=str(tmp_path / "prefect-home")
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert (tmp_path / "prefect-home").is_dir()  # the temporary server kept its database there
