@@ -190,28 +190,30 @@ def read_beir(folder: Path, *, split: str | None, min_relevance: int, skip_unkno
         raise InputError(
             qrels_path, f"no judgement with score >= {min_relevance}", "lower --min-relevance or check the qrels file"
         )
-    with_positive = queries.filter(pl.col("query_id").is_in(positives["query_id"].implode()))
     counts = {
         "documents": corpus.height,
         "documents_empty_skipped": empty_ids.len(),
         "queries": queries.height,
-        "queries_with_positives": with_positive.height,
         "qrels_rows": judged,
         "qrels_unknown_query_skipped": unknown_queries,
         "qrels_unknown_document_skipped": unknown_documents,
         "qrels_empty_document_skipped": judging_empty,
-        "positives": positives.height,
     }
+    return _ingested(corpus, queries, positives, counts, [corpus_path, queries_path, qrels_path])
+
+
+def _ingested(
+    corpus: pl.DataFrame, queries: pl.DataFrame, positives: pl.DataFrame, counts: dict[str, int], files: list[Path]
+) -> Ingested:
+    """The stage's result: only queries that have a positive, tables in their contract schemas."""
+    with_positive = queries.filter(pl.col("query_id").is_in(positives["query_id"].implode()))
     return Ingested(
         corpus=schema.conform(corpus, schema.CORPUS),
         queries=schema.conform(with_positive, schema.QUERIES),
         qrels=schema.conform(positives, schema.QRELS),
-        counts=counts,
-        input_hashes={str(p): file_sha256(p) for p in (corpus_path, queries_path, qrels_path)},
+        counts={**counts, "queries_with_positives": with_positive.height, "positives": positives.height},
+        input_hashes={str(path): file_sha256(path) for path in files},
     )
-
-
-# --- pairs tables -----------------------------------------------------------------------------------
 
 
 def _pick(columns: list[str], names: tuple[str, ...]) -> str | None:
@@ -314,21 +316,13 @@ def read_pairs(path: Path, *, corpus: Path | None, queries: Path | None, skip_un
     positives = qrels.drop("_i").unique(["query_id", "doc_id"]).sort("query_id", "doc_id")
     if positives.height == 0:
         raise source.whole("no pair is left after skipping unknown ids", "check the ids")
-    with_positive = query_table.filter(pl.col("query_id").is_in(positives["query_id"].implode()))
     counts = {
         "documents": documents.height,
         "documents_added_from_pairs": added,
         "pairs_rows": pairs.height,
         "queries": query_table.height,
-        "queries_with_positives": with_positive.height,
         "qrels_unknown_query_skipped": unknown_queries,
         "qrels_unknown_document_skipped": unknown_documents,
-        "positives": positives.height,
     }
-    return Ingested(
-        corpus=schema.conform(documents, schema.CORPUS),
-        queries=schema.conform(with_positive, schema.QUERIES),
-        qrels=schema.conform(positives, schema.QRELS),
-        counts=counts,
-        input_hashes={str(p): file_sha256(p) for p in (path, corpus, queries) if p is not None},
-    )
+    files = [p for p in (path, corpus, queries) if p is not None]
+    return _ingested(documents, query_table, positives, counts, files)
