@@ -1,0 +1,164 @@
+"""The order of the stages, written once.
+
+`score_candidates` and `select_negatives` call each stage through a `run(name, function, *args)`
+hook: the Prefect flow passes one that makes every stage a task; the library and the audit call
+stages directly. So a flow run, a library call and an audit mine the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from miner import candidates, sample, score
+from miner.config import MineConfig
+from miner.filter import filter_counts, positive_aware_filter
+from miner.ingest import Ingested
+from miner.models import (
+    Embeddings,
+    ModelRef,
+    embed_table,
+    load_cross_encoder,
+    load_embedding_model,
+    resolve_model,
+)
+
+StageRunner = Callable[..., Any]
+
+
+def run_directly(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return function(*args, **kwargs)
+
+
+def threads(config: MineConfig) -> int:
+    return config.threads or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The candidate pool with teacher scores: everything upstream of the filter."""
+
+    pool: pa.Table  # schema.CANDIDATES
+    teacher_scores: pa.Table  # schema.TEACHER_SCORES
+    embeddings: tuple[Embeddings, Embeddings] | None  # (queries, documents), when the bi-encoder ran
+    models: dict[str, ModelRef]
+    teacher: str
+    counts: dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
+class Selected:
+    judged: pa.Table  # schema.JUDGED
+    selected: pa.Table  # schema.SELECTED
+    counts: dict[str, dict[str, int]]
+
+
+def bm25_candidates(data: Ingested, config: MineConfig) -> pa.Table:
+    with tempfile.TemporaryDirectory(prefix="miner-bm25-") as workdir:
+        index_dir = Path(workdir) / "index"
+        candidates.build_bm25_index(data.corpus, index_dir, threads=threads(config))
+        return candidates.bm25_search(
+            index_dir,
+            data.queries,
+            k=config.retrieval.bm25_k,
+            threads=threads(config),
+            k1=config.retrieval.bm25_k1,
+            b=config.retrieval.bm25_b,
+        )
+
+
+def embed(
+    data: Ingested, model_ref: ModelRef, config: MineConfig, doc_ids: pa.Array | None = None
+) -> tuple[Embeddings, Embeddings]:
+    """Query and document embeddings; `doc_ids` limits the documents (when only the teacher needs them)."""
+    import torch
+
+    torch.set_num_threads(threads(config))
+    model = load_embedding_model(model_ref)
+    corpus = data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
+    options = {"batch_size": config.models.batch_size, "show_progress": config.show_progress}
+    return (
+        embed_table(model, data.queries, id_column="query_id", kind="query", **options),
+        embed_table(model, corpus, id_column="doc_id", kind="document", **options),
+    )
+
+
+def dense_candidates(embeddings: tuple[Embeddings, Embeddings], config: MineConfig) -> pa.Table:
+    queries, documents = embeddings
+    return candidates.dense_search(
+        queries.ids,
+        queries.vectors,
+        documents.ids,
+        documents.vectors,
+        k=config.retrieval.dense_k,
+        threads=threads(config),
+    )
+
+
+def teacher_scores(
+    pairs: pa.Table,
+    data: Ingested,
+    config: MineConfig,
+    teacher_ref: ModelRef | None,
+    embeddings: tuple[Embeddings, Embeddings] | None,
+) -> pa.Table:
+    if teacher_ref is not None:
+        return score.cross_encoder_scores(
+            pairs,
+            data.queries,
+            data.corpus,
+            load_cross_encoder(teacher_ref),
+            batch_size=config.models.teacher_batch_size,
+            show_progress=config.show_progress,
+        )
+    assert embeddings is not None
+    queries, documents = embeddings
+    return score.bi_encoder_scores(pairs, queries.ids, queries.vectors, documents.ids, documents.vectors)
+
+
+def score_candidates(data: Ingested, config: MineConfig, run: StageRunner = run_directly) -> Scored:
+    """BM25 + dense candidates, merged, then teacher scores for every candidate and positive."""
+    embedding_ref = resolve_model(config.models.embedding_model)
+    teacher_ref = resolve_model(config.models.cross_encoder) if config.models.cross_encoder else None
+    retrieval = config.retrieval
+    bm25 = run("bm25", bm25_candidates, data, config) if retrieval.bm25 else None
+    embeddings = run("embed", embed, data, embedding_ref, config) if retrieval.dense else None
+    dense = run("dense", dense_candidates, embeddings, config) if embeddings else None
+    pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k)
+    pairs = score.teacher_pairs(pool, data.qrels)
+    if teacher_ref is None and embeddings is None:
+        # Dense retrieval is off but the teacher is the bi-encoder: embed only what it will score.
+        embeddings = run("embed", embed, data, embedding_ref, config, doc_ids=pc.unique(pairs["doc_id"]))
+    scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings)
+    counts = {
+        "pool": pool.num_rows,
+        "bm25_hits": bm25.num_rows if bm25 is not None else 0,
+        "dense_hits": dense.num_rows if dense is not None else 0,
+        **{f"source_{s}": pc.sum(pc.equal(pool["source"], s)).as_py() or 0 for s in ("bm25", "dense", "both")},
+    }
+    return Scored(
+        pool=pool,
+        teacher_scores=scores,
+        embeddings=embeddings,
+        models={"embedding": embedding_ref, **({"teacher": teacher_ref} if teacher_ref else {})},
+        teacher=f"cross-encoder:{teacher_ref.spec}" if teacher_ref else f"bi-encoder:{embedding_ref.spec}",
+        counts={"candidates": counts, "teacher": {"pairs_scored": scores.num_rows}},
+    )
+
+
+def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: StageRunner = run_directly) -> Selected:
+    """Filter the scored pool, then sample negatives per (query, positive)."""
+    judged = run(
+        "filter", positive_aware_filter, scored.pool, scored.teacher_scores, data.qrels, data.corpus, config.filter
+    )
+    selected, sample_counts = run(
+        "sample", sample.sample_negatives, judged, data.qrels, scored.teacher_scores, config.sample
+    )
+    return Selected(judged, selected, {"filter": filter_counts(judged), "sample": sample_counts})
