@@ -12,7 +12,7 @@ from typing import Annotated, ParamSpec
 
 import typer
 
-from miner.config import CLI_KEYS, load_config
+from miner.config import CLI_KEYS, load_config, parse_setting
 from miner.errors import InputError
 
 P = ParamSpec("P")
@@ -121,6 +121,37 @@ def mine(
             f"wrote {settings.out}: {manifest['counts']['sample']['negatives']} negatives; "
             f"see `miner inspect {settings.out}`"
         )
+
+
+@app.command()
+@_user_errors
+def audit(
+    data: Annotated[Path, typer.Argument(help="BEIR folder whose queries have several judged positives")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for audit.json and audit.parquet")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config every setting starts from")] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option("--setting", "-s", help="'name: key=value, ...' over the config; repeat to sweep"),
+    ] = None,
+    split: Annotated[str | None, typer.Option("--split", help="qrels split")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Hold out all but one positive per query, mine, and report how many mined negatives are hidden positives."""
+    from miner.audit import audit as run_audit
+    from miner.audit import format_table, write_report
+    from miner.ingest import ingest
+    from miner.manifest import check_output_writable
+
+    base = {"data": data, "out": out, "split": split, "show_progress": False if quiet else None}
+    named = [parse_setting(text) for text in setting or ["default: sample.num_negatives=5"]]
+    # Every setting is validated before any model runs.
+    settings = {name: load_config(config, {**base, **overrides}) for name, overrides in named}
+    first = next(iter(settings.values()))
+    check_output_writable(out)
+    data_tables = ingest(first.data, split=first.split, min_relevance=first.min_relevance)
+    report = run_audit(data_tables, settings)
+    write_report(report, out, settings)
+    typer.echo(format_table(report))
 
 
 @app.command()

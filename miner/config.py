@@ -53,6 +53,11 @@ class FilterConfig(_Section):
     # Rank window over the teacher's ranking: skip the first `range_min`, consider up to rank `range_max`.
     range_min: int = Field(0, ge=0)
     range_max: int = Field(100, ge=1)
+    # Positive expansion: rank candidates for the query moved towards its positives
+    # (q + weight x mean positive, in the embedding model's space) and drop the top `expansion_depth`:
+    # passages that look like the positive and the query at once are the likeliest unlabelled positives.
+    expansion_depth: int = Field(0, ge=0, description="0 turns the rule off")
+    expansion_weight: float = Field(0.5, gt=0)
 
 
 class SampleConfig(_Section):
@@ -130,6 +135,8 @@ CLI_KEYS: dict[str, str] = {
     "positive_reference": "filter.positive_reference",
     "range_min": "filter.range_min",
     "range_max": "filter.range_max",
+    "expansion_depth": "filter.expansion_depth",
+    "expansion_weight": "filter.expansion_weight",
     "num_negatives": "sample.num_negatives",
     "sampling": "sample.strategy",
     "seed": "sample.seed",
@@ -190,3 +197,21 @@ def load_config(config_file: Path | None, overrides: dict[str, Any]) -> MineConf
             line = _line_of_key(config_file, dotted) if dotted else None
             raise InputError(config_file, problem, fix, line=line) from None
         raise InputError("command line", problem, fix) from None
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """'name: filter.method=topk-percpos, filter.pct=0.9' -> ('name', {'filter.method': ..., ...})."""
+    name, _, assignments = text.partition(":")
+    if not name.strip() or not assignments.strip():
+        raise InputError("--setting", f"'{text}' is not 'name: key=value, ...'", "name the setting, then its values")
+    overrides: dict[str, Any] = {}
+    for assignment in assignments.split(","):
+        key, equals, raw = assignment.partition("=")
+        if not equals or not key.strip():
+            raise InputError("--setting", f"'{assignment.strip()}' is not key=value", "write e.g. filter.pct=0.9")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word such as topk-percpos
+        overrides[key.strip()] = value
+    return name.strip(), overrides

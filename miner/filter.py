@@ -4,6 +4,7 @@ Rules, in the order a candidate meets them (the first that applies is recorded i
   positive              a labelled positive of the query
   duplicate_of_positive same normalised text as one of the query's positives
   invalid_score         the teacher returned NaN or infinity
+  positive_expansion    among the top `expansion_depth` for the query expanded by its positives
   rank_window           outside (range_min, range_max] of the teacher's ranking
   topk-abs | topk-marginpos | topk-percpos
                         the positive-aware rule of NV-Retriever (Moreira et al., 2024): a candidate the
@@ -60,9 +61,17 @@ def score_ceiling(config: FilterConfig) -> pl.Expr | None:
 
 
 def positive_aware_filter(
-    candidates: pa.Table, teacher_scores: pa.Table, qrels: pa.Table, corpus: pa.Table, config: FilterConfig
+    candidates: pa.Table,
+    teacher_scores: pa.Table,
+    qrels: pa.Table,
+    corpus: pa.Table,
+    config: FilterConfig,
+    expanded_scores: pa.Table | None = None,
 ) -> pa.Table:
-    """CANDIDATES + TEACHER_SCORES + QRELS + CORPUS -> JUDGED (every candidate, with its verdict)."""
+    """CANDIDATES + TEACHER_SCORES + QRELS + CORPUS -> JUDGED (every candidate, with its verdict).
+
+    `expanded_scores` (query_id, doc_id, expanded_score) is needed when `config.expansion_depth` > 0.
+    """
     positives = positive_scores(qrels, teacher_scores)
     hashes = pl.from_arrow(corpus.select(["doc_id", "text_hash"]))
     positive_hashes = (
@@ -100,9 +109,18 @@ def positive_aware_filter(
         .then(pl.lit("duplicate_of_positive"))
         .when(invalid)
         .then(pl.lit("invalid_score"))
-        .when((pl.col("teacher_rank") <= config.range_min) | (pl.col("teacher_rank") > config.range_max))
-        .then(pl.lit("rank_window"))
     )
+    if config.expansion_depth > 0:
+        if expanded_scores is None:
+            raise schema.SchemaError("filter.expansion_depth is set but no expanded scores were given")
+        frame = frame.join(pl.from_arrow(expanded_scores), on=["query_id", "doc_id"], how="left")
+        frame = frame.sort(["query_id", "expanded_score", "doc_id"], descending=[False, True, False]).with_columns(
+            _expanded_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id"))
+        )
+        verdict = verdict.when(pl.col("_expanded_rank") <= config.expansion_depth).then(pl.lit("positive_expansion"))
+    verdict = verdict.when(
+        (pl.col("teacher_rank") <= config.range_min) | (pl.col("teacher_rank") > config.range_max)
+    ).then(pl.lit("rank_window"))
     ceiling = score_ceiling(config)
     if ceiling is not None:
         verdict = verdict.when(pl.col("teacher_score") > ceiling).then(pl.lit(config.method))

@@ -133,8 +133,8 @@ def score_candidates(data: Ingested, config: MineConfig, run: StageRunner = run_
     dense = run("dense", dense_candidates, embeddings, config) if embeddings else None
     pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k)
     pairs = score.teacher_pairs(pool, data.qrels)
-    if teacher_ref is None and embeddings is None:
-        # Dense retrieval is off but the teacher is the bi-encoder: embed only what it will score.
+    if embeddings is None and (teacher_ref is None or config.filter.expansion_depth > 0):
+        # Dense retrieval is off but the bi-encoder is needed (teacher or expansion): embed only what it scores.
         embeddings = run("embed", embed, data, embedding_ref, config, doc_ids=pc.unique(pairs["doc_id"]))
     scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings)
     counts = {
@@ -155,8 +155,26 @@ def score_candidates(data: Ingested, config: MineConfig, run: StageRunner = run_
 
 def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: StageRunner = run_directly) -> Selected:
     """Filter the scored pool, then sample negatives per (query, positive)."""
+    expanded = None
+    if config.filter.expansion_depth > 0:
+        assert scored.embeddings is not None
+        expanded = run(
+            "expand",
+            score.expanded_query_scores,
+            scored.pool,
+            data.qrels,
+            *scored.embeddings,
+            weight=config.filter.expansion_weight,
+        )
     judged = run(
-        "filter", positive_aware_filter, scored.pool, scored.teacher_scores, data.qrels, data.corpus, config.filter
+        "filter",
+        positive_aware_filter,
+        scored.pool,
+        scored.teacher_scores,
+        data.qrels,
+        data.corpus,
+        config.filter,
+        expanded,
     )
     selected, sample_counts = run(
         "sample", sample.sample_negatives, judged, data.qrels, scored.teacher_scores, config.sample

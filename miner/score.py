@@ -9,6 +9,7 @@ import polars as pl
 import pyarrow as pa
 
 from miner import schema
+from miner.models import Embeddings
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -104,3 +105,37 @@ def cross_encoder_scores(
     scored = distinct.select("query_hash", "passage_hash").with_columns(teacher_score=scores)
     frame = texts.join(scored, on=["query_hash", "passage_hash"], how="left")
     return schema.conform(frame.sort("query_id", "doc_id"), schema.TEACHER_SCORES)
+
+
+def expanded_query_scores(
+    pool: pa.Table, qrels: pa.Table, queries: Embeddings, documents: Embeddings, *, weight: float
+) -> pa.Table:
+    """Cosine of each candidate with its query moved towards the query's positives: (q + w * mean p) / norm.
+
+    -> (query_id, doc_id, expanded_score). The positives tell what the query's author counted as relevant;
+    a candidate close to that expanded need is a likely unlabelled positive.
+    """
+    q_rows = _positions(queries.ids, "query_id")
+    d_rows = _positions(documents.ids, "doc_id")
+    positives = pl.from_arrow(qrels.select(["query_id", "doc_id"])).join(d_rows, on="doc_id", how="inner")
+    query_order = positives.join(q_rows, on="query_id", how="inner").sort("query_id_row")
+    expanded = queries.vectors.copy()
+    if query_order.height:
+        # Mean positive vector per query, added to that query's vector.
+        rows = query_order["query_id_row"].to_numpy()
+        sums = np.zeros_like(expanded)
+        np.add.at(sums, rows, documents.vectors[query_order["doc_id_row"].to_numpy()])
+        counts = np.bincount(rows, minlength=len(expanded)).astype(np.float32)[:, None]
+        expanded += weight * np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
+    frame = (
+        pl.from_arrow(pool.select(["query_id", "doc_id"]))
+        .join(q_rows, on="query_id", how="left")
+        .join(d_rows, on="doc_id", how="left")
+    )
+    scores = np.einsum(
+        "ij,ij->i", expanded[frame["query_id_row"].to_numpy()], documents.vectors[frame["doc_id_row"].to_numpy()]
+    )
+    return pa.table(
+        {"query_id": frame["query_id"].to_arrow(), "doc_id": frame["doc_id"].to_arrow(), "expanded_score": scores}
+    )
