@@ -98,7 +98,7 @@ def _upstream_key(config: MineConfig) -> str:
         {
             "retrieval": config.retrieval.model_dump(),
             "models": config.models.model_dump(exclude={"batch_size", "teacher_batch_size"}),
-            "expansion": config.filter.expansion_depth > 0,
+            "geometry": config.filter.needs_geometry,
         },
         sort_keys=True,
     )

@@ -13,7 +13,7 @@ from miner.errors import InputError
 
 FilterMethod = Literal["none", "topk-abs", "topk-marginpos", "topk-percpos"]
 PositiveReference = Literal["min", "mean", "max"]
-SamplingStrategy = Literal["top", "random"]
+SamplingStrategy = Literal["top", "random", "simans"]
 
 
 class _Section(BaseModel):
@@ -58,12 +58,30 @@ class FilterConfig(_Section):
     # passages that look like the positive and the query at once are the likeliest unlabelled positives.
     expansion_depth: int = Field(0, ge=0, description="0 turns the rule off")
     expansion_weight: float = Field(0.5, gt=0)
+    # Near-duplicates of a positive: drop candidates whose cosine with the nearest positive exceeds this.
+    max_positive_similarity: float | None = Field(None, gt=-1, le=1)
+    # RocketQA-style denoising: drop candidates the teacher itself scores as relevant (above this score;
+    # for a cross-encoder with a sigmoid head, a probability).
+    denoise_threshold: float | None = None
+    # Retriever agreement: BM25 and dense both ranking a candidate within this depth makes it a likely
+    # unlabelled positive. 0 turns the rule off.
+    agreement_depth: int = Field(0, ge=0)
+
+    @property
+    def needs_geometry(self) -> bool:
+        """Whether a rule compares candidates with the positives in the embedding space."""
+        return self.expansion_depth > 0 or self.max_positive_similarity is not None
 
 
 class SampleConfig(_Section):
     num_negatives: int = Field(5, ge=1)
     strategy: SamplingStrategy = "top"
     seed: int = 12345
+    # SimANS (Zhou et al., 2022): draw with probability ~ exp(-a * (s(q,d) - s(q,d+) - b)^2), favouring
+    # candidates scored near the positive rather than above it. `a` is on the teacher's score scale
+    # (cosine for the bi-encoder).
+    simans_a: float = Field(20.0, gt=0)
+    simans_b: float = 0.0
 
 
 class MineConfig(_Section):
@@ -137,9 +155,14 @@ CLI_KEYS: dict[str, str] = {
     "range_max": "filter.range_max",
     "expansion_depth": "filter.expansion_depth",
     "expansion_weight": "filter.expansion_weight",
+    "max_positive_similarity": "filter.max_positive_similarity",
+    "denoise_threshold": "filter.denoise_threshold",
+    "agreement_depth": "filter.agreement_depth",
     "num_negatives": "sample.num_negatives",
     "sampling": "sample.strategy",
     "seed": "sample.seed",
+    "simans_a": "sample.simans_a",
+    "simans_b": "sample.simans_b",
 }
 
 

@@ -4,6 +4,10 @@ Rules, in the order a candidate meets them (the first that applies is recorded i
   positive              a labelled positive of the query
   duplicate_of_positive same normalised text as one of the query's positives
   invalid_score         the teacher returned NaN or infinity
+  near_duplicate_of_positive
+                        cosine with the nearest positive above `max_positive_similarity`
+  denoise               teacher score above `denoise_threshold` (RocketQA-style denoising)
+  retriever_agreement   BM25 and dense both rank it within `agreement_depth`
   positive_expansion    among the top `expansion_depth` for the query expanded by its positives
   rank_window           outside (range_min, range_max] of the teacher's ranking
   topk-abs | topk-marginpos | topk-percpos
@@ -23,6 +27,10 @@ RULES = (
     "positive",
     "duplicate_of_positive",
     "invalid_score",
+    "near_duplicate_of_positive",
+    "denoise",
+    "retriever_agreement",
+    "positive_expansion",
     "rank_window",
     "topk-abs",
     "topk-marginpos",
@@ -66,11 +74,11 @@ def positive_aware_filter(
     qrels: pa.Table,
     corpus: pa.Table,
     config: FilterConfig,
-    expanded_scores: pa.Table | None = None,
+    geometry: pa.Table | None = None,
 ) -> pa.Table:
     """CANDIDATES + TEACHER_SCORES + QRELS + CORPUS -> JUDGED (every candidate, with its verdict).
 
-    `expanded_scores` (query_id, doc_id, expanded_score) is needed when `config.expansion_depth` > 0.
+    `geometry` (score.positive_geometry) is needed when `config.needs_geometry`.
     """
     positives = positive_scores(qrels, teacher_scores)
     hashes = pl.from_arrow(corpus.select(["doc_id", "text_hash"]))
@@ -110,10 +118,20 @@ def positive_aware_filter(
         .when(invalid)
         .then(pl.lit("invalid_score"))
     )
+    if config.needs_geometry:
+        if geometry is None:
+            raise schema.SchemaError("a positive-geometry rule is set but no geometry table was given")
+        frame = frame.join(pl.from_arrow(geometry), on=["query_id", "doc_id"], how="left")
+    if config.max_positive_similarity is not None:
+        verdict = verdict.when(pl.col("positive_cosine") > config.max_positive_similarity).then(
+            pl.lit("near_duplicate_of_positive")
+        )
+    if config.denoise_threshold is not None:
+        verdict = verdict.when(pl.col("teacher_score") > config.denoise_threshold).then(pl.lit("denoise"))
+    if config.agreement_depth > 0:
+        both_high = (pl.col("bm25_rank") <= config.agreement_depth) & (pl.col("dense_rank") <= config.agreement_depth)
+        verdict = verdict.when(both_high.fill_null(False)).then(pl.lit("retriever_agreement"))
     if config.expansion_depth > 0:
-        if expanded_scores is None:
-            raise schema.SchemaError("filter.expansion_depth is set but no expanded scores were given")
-        frame = frame.join(pl.from_arrow(expanded_scores), on=["query_id", "doc_id"], how="left")
         frame = frame.sort(["query_id", "expanded_score", "doc_id"], descending=[False, True, False]).with_columns(
             _expanded_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id"))
         )

@@ -133,8 +133,8 @@ def score_candidates(data: Ingested, config: MineConfig, run: StageRunner = run_
     dense = run("dense", dense_candidates, embeddings, config) if embeddings else None
     pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k)
     pairs = score.teacher_pairs(pool, data.qrels)
-    if embeddings is None and (teacher_ref is None or config.filter.expansion_depth > 0):
-        # Dense retrieval is off but the bi-encoder is needed (teacher or expansion): embed only what it scores.
+    if embeddings is None and (teacher_ref is None or config.filter.needs_geometry):
+        # Dense retrieval is off but the bi-encoder is needed (teacher or geometry): embed only what it scores.
         embeddings = run("embed", embed, data, embedding_ref, config, doc_ids=pc.unique(pairs["doc_id"]))
     scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings)
     counts = {
@@ -155,12 +155,12 @@ def score_candidates(data: Ingested, config: MineConfig, run: StageRunner = run_
 
 def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: StageRunner = run_directly) -> Selected:
     """Filter the scored pool, then sample negatives per (query, positive)."""
-    expanded = None
-    if config.filter.expansion_depth > 0:
+    geometry = None
+    if config.filter.needs_geometry:
         assert scored.embeddings is not None
-        expanded = run(
-            "expand",
-            score.expanded_query_scores,
+        geometry = run(
+            "geometry",
+            score.positive_geometry,
             scored.pool,
             data.qrels,
             *scored.embeddings,
@@ -174,7 +174,7 @@ def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: St
         data.qrels,
         data.corpus,
         config.filter,
-        expanded,
+        geometry,
     )
     selected, sample_counts = run(
         "sample", sample.sample_negatives, judged, data.qrels, scored.teacher_scores, config.sample

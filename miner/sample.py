@@ -25,19 +25,27 @@ def sample_negatives(
 ) -> tuple[pa.Table, dict[str, int]]:
     """JUDGED + QRELS -> SELECTED and counts.
 
-    `top` takes the teacher's hardest survivors; `random` draws uniformly from the survivors with a
-    draw that depends only on (seed, query, positive, candidate), not on row order or batch sizes.
+    `top` takes the teacher's hardest survivors; `random` draws uniformly from the survivors, `simans`
+    with SimANS weights; both draws depend only on (seed, query, positive, candidate), not on row order
+    or batch sizes.
     A pair left with fewer survivors keeps what it has and is counted; nothing is padded.
     """
     survivors = pl.from_arrow(judged).filter(pl.col("dropped_by").is_null())
     positives = positive_scores(qrels, teacher_scores)
     pairs = positives.join(survivors, on="query_id", how="inner")
+    draw = pl.concat_str(
+        [pl.lit(str(config.seed)), pl.col("query_id"), pl.col("positive_id"), pl.col("doc_id")], separator="\x1f"
+    ).map_batches(_stable_keys, return_dtype=pl.Int64)
     if config.strategy == "top":
-        order = pl.col("teacher_rank")
+        order = pl.col("teacher_rank").cast(pl.Float64)
+    elif config.strategy == "random":
+        order = draw.cast(pl.Float64)
     else:
-        order = pl.concat_str(
-            [pl.lit(str(config.seed)), pl.col("query_id"), pl.col("positive_id"), pl.col("doc_id")], separator="\x1f"
-        ).map_batches(_stable_keys, return_dtype=pl.Int64)
+        # Weighted draw without replacement (Efraimidis-Spirakis): the smallest -log(u) / weight win.
+        gap = pl.col("teacher_score") - pl.col("positive_score") - config.simans_b
+        weight = (-config.simans_a * gap * gap).exp()
+        uniform = (draw.cast(pl.Float64) + 0.5) / float(2**63)
+        order = -uniform.log() / weight
     chosen = (
         pairs.with_columns(_order=order)
         .sort(["query_id", "positive_id", "_order", "doc_id"])

@@ -107,24 +107,29 @@ def cross_encoder_scores(
     return schema.conform(frame.sort("query_id", "doc_id"), schema.TEACHER_SCORES)
 
 
-def expanded_query_scores(
+def positive_geometry(
     pool: pa.Table, qrels: pa.Table, queries: Embeddings, documents: Embeddings, *, weight: float
 ) -> pa.Table:
-    """Cosine of each candidate with its query moved towards the query's positives: (q + w * mean p) / norm.
+    """Where each candidate sits relative to its query's positives, in the embedding model's space.
 
-    -> (query_id, doc_id, expanded_score). The positives tell what the query's author counted as relevant;
-    a candidate close to that expanded need is a likely unlabelled positive.
+    -> (query_id, doc_id, expanded_score, positive_cosine):
+    - expanded_score: cosine with the query moved towards its positives, (q + weight * mean p) / norm. The
+      positives tell what the query's author counted as relevant; a candidate close to that expanded
+      need is a likely unlabelled positive.
+    - positive_cosine: cosine with the nearest positive; near 1 means a near-copy of a positive.
     """
     q_rows = _positions(queries.ids, "query_id")
     d_rows = _positions(documents.ids, "doc_id")
-    positives = pl.from_arrow(qrels.select(["query_id", "doc_id"])).join(d_rows, on="doc_id", how="inner")
-    query_order = positives.join(q_rows, on="query_id", how="inner").sort("query_id_row")
+    positives = (
+        pl.from_arrow(qrels.select(["query_id", "doc_id"]))
+        .join(d_rows, on="doc_id", how="inner")
+        .join(q_rows, on="query_id", how="inner")
+    )
     expanded = queries.vectors.copy()
-    if query_order.height:
-        # Mean positive vector per query, added to that query's vector.
-        rows = query_order["query_id_row"].to_numpy()
+    if positives.height:
+        rows = positives["query_id_row"].to_numpy()
         sums = np.zeros_like(expanded)
-        np.add.at(sums, rows, documents.vectors[query_order["doc_id_row"].to_numpy()])
+        np.add.at(sums, rows, documents.vectors[positives["doc_id_row"].to_numpy()])
         counts = np.bincount(rows, minlength=len(expanded)).astype(np.float32)[:, None]
         expanded += weight * np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
@@ -133,9 +138,24 @@ def expanded_query_scores(
         .join(q_rows, on="query_id", how="left")
         .join(d_rows, on="doc_id", how="left")
     )
-    scores = np.einsum(
-        "ij,ij->i", expanded[frame["query_id_row"].to_numpy()], documents.vectors[frame["doc_id_row"].to_numpy()]
+    candidate_vectors = documents.vectors[frame["doc_id_row"].to_numpy()]
+    expanded_scores = np.einsum("ij,ij->i", expanded[frame["query_id_row"].to_numpy()], candidate_vectors)
+    # Nearest positive: one row per (candidate, positive of its query), then the max per candidate.
+    pairs = frame.with_row_index("candidate").join(
+        positives.select("query_id", positive_row="doc_id_row"), on="query_id", how="inner"
     )
+    cosines = np.einsum(
+        "ij,ij->i",
+        documents.vectors[pairs["doc_id_row"].to_numpy()],
+        documents.vectors[pairs["positive_row"].to_numpy()],
+    )
+    nearest = np.full(frame.height, -1.0, dtype=np.float32)
+    np.maximum.at(nearest, pairs["candidate"].to_numpy(), cosines.astype(np.float32))
     return pa.table(
-        {"query_id": frame["query_id"].to_arrow(), "doc_id": frame["doc_id"].to_arrow(), "expanded_score": scores}
+        {
+            "query_id": frame["query_id"].to_arrow(),
+            "doc_id": frame["doc_id"].to_arrow(),
+            "expanded_score": expanded_scores.astype(np.float32),
+            "positive_cosine": nearest,
+        }
     )

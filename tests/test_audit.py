@@ -18,7 +18,7 @@ from miner.errors import InputError
 from miner.filter import positive_aware_filter
 from miner.ingest import ingest
 from miner.models import Embeddings
-from miner.score import expanded_query_scores
+from miner.score import positive_geometry
 
 DOCS = [{"_id": f"d{i}", "text": f"passage number {i}"} for i in range(8)]
 QUERIES = [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": "second"}, {"_id": "q3", "text": "third"}]
@@ -66,7 +66,7 @@ def test_measure_counts_leaks_coverage_and_hardness(tmp_path: Path) -> None:
     assert metrics["mean_rank"] == pytest.approx(2.0)
 
 
-def test_expanded_scores_move_the_query_towards_its_positives() -> None:
+def test_positive_geometry_expands_the_query_and_finds_the_nearest_positive() -> None:
     rng = np.random.default_rng(1)
     docs = rng.normal(size=(5, 16)).astype(np.float32)
     docs /= np.linalg.norm(docs, axis=1, keepdims=True)
@@ -75,13 +75,15 @@ def test_expanded_scores_move_the_query_towards_its_positives() -> None:
     ids = pa.array([f"d{i}" for i in range(5)])
     pool = pa.table({"query_id": ["q"] * 3, "doc_id": ["d2", "d3", "d4"]})
     qrels = pa.table({"query_id": ["q", "q"], "doc_id": ["d0", "d1"]})
-    scores = expanded_query_scores(pool, qrels, Embeddings(pa.array(["q"]), query), Embeddings(ids, docs), weight=0.5)
+    geometry = positive_geometry(pool, qrels, Embeddings(pa.array(["q"]), query), Embeddings(ids, docs), weight=0.5)
     expanded = query[0] + 0.5 * (docs[0] + docs[1]) / 2
     expanded /= np.linalg.norm(expanded)
-    assert np.allclose(scores["expanded_score"].to_numpy(), docs[2:] @ expanded, atol=1e-6)
+    assert np.allclose(geometry["expanded_score"].to_numpy(), docs[2:] @ expanded, atol=1e-6)
+    nearest = np.maximum(docs[2:] @ docs[0], docs[2:] @ docs[1])
+    assert np.allclose(geometry["positive_cosine"].to_numpy(), nearest, atol=1e-6)
 
 
-def test_expansion_rule_drops_the_top_of_the_expanded_ranking() -> None:
+def test_rules_that_use_positive_geometry_teacher_and_retriever_agreement() -> None:
     pool = schema.conform(
         pl.DataFrame(
             {
@@ -106,14 +108,26 @@ def test_expansion_rule_drops_the_top_of_the_expanded_ranking() -> None:
     corpus = schema.conform(
         pl.DataFrame({"doc_id": ["a", "b", "c", "p"], "text": list("abcp"), "text_hash": list("abcp")}), schema.CORPUS
     )
-    expanded = pa.table({"query_id": ["q"] * 3, "doc_id": ["a", "b", "c"], "expanded_score": [0.2, 0.9, 0.1]})
-    judged = pl.from_arrow(
-        positive_aware_filter(
-            pool, scores, qrels, corpus, FilterConfig(method="none", expansion_depth=1), expanded_scores=expanded
-        )
+    geometry = pa.table(
+        {
+            "query_id": ["q"] * 3,
+            "doc_id": ["a", "b", "c"],
+            "expanded_score": [0.2, 0.9, 0.1],
+            "positive_cosine": [0.97, 0.5, 0.4],
+        }
     )
-    verdicts = dict(zip(judged["doc_id"].to_list(), judged["dropped_by"].to_list(), strict=True))
-    assert verdicts == {"a": None, "b": "positive_expansion", "c": None}
+
+    def verdicts(**settings) -> dict[str, str | None]:
+        judged = pl.from_arrow(
+            positive_aware_filter(pool, scores, qrels, corpus, FilterConfig(method="none", **settings), geometry)
+        )
+        return dict(zip(judged["doc_id"].to_list(), judged["dropped_by"].to_list(), strict=True))
+
+    assert verdicts(expansion_depth=1) == {"a": None, "b": "positive_expansion", "c": None}
+    assert verdicts(max_positive_similarity=0.95) == {"a": "near_duplicate_of_positive", "b": None, "c": None}
+    assert verdicts(denoise_threshold=0.55) == {"a": None, "b": "denoise", "c": None}
+    # bm25 and dense ranks are 1, 2, 3 for a, b, c: depth 2 catches the two both retrievers put on top.
+    assert verdicts(agreement_depth=2) == {"a": "retriever_agreement", "b": "retriever_agreement", "c": None}
 
 
 def test_audit_sweeps_settings_over_one_scoring(small_beir: Path, tmp_path: Path) -> None:

@@ -221,3 +221,17 @@ def test_short_pairs_keep_what_they_have_and_are_counted() -> None:
     selected, counts = sample_negatives(judged, qrels, scores, SampleConfig(num_negatives=5))
     assert selected.num_rows == 4
     assert counts["pairs_short"] == 2 and counts["pairs_full"] == 0
+
+
+def test_simans_favours_candidates_scored_near_the_positive() -> None:
+    # Positives score 0.95 and 0.97; candidate scores run from 0.90 down in steps of 0.01.
+    judged, (_, scores, qrels, _) = _judged_many(40)
+    sharp = SampleConfig(num_negatives=3, strategy="simans", simans_a=2000.0, seed=1)
+    chosen = pl.from_arrow(sample_negatives(judged, qrels, scores, sharp)[0])
+    # With a sharp kernel the draw keeps to the candidates just below each positive's score.
+    assert chosen["negative_rank"].max() <= 6
+    again = pl.from_arrow(sample_negatives(judged, qrels, scores, sharp)[0])
+    assert chosen.equals(again)
+    flat = SampleConfig(num_negatives=3, strategy="simans", simans_a=0.001, seed=1)
+    spread = pl.from_arrow(sample_negatives(judged, qrels, scores, flat)[0])
+    assert spread["negative_rank"].max() > 6  # a flat kernel draws from the whole list, like `random`
