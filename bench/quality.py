@@ -61,6 +61,7 @@ def _selected(rows: list[tuple[str, str, str]]) -> pl.DataFrame:
         bm25_rank=pl.lit(None, pl.Int32),
         dense_rank=pl.lit(None, pl.Int32),
         fused_rank=pl.lit(None, pl.Int32),
+        fallback_step=pl.lit(0, pl.Int32),
     )
 
 

@@ -66,6 +66,10 @@ class FilterConfig(_Section):
     # Retriever agreement: BM25 and dense both ranking a candidate within this depth makes it a likely
     # unlabelled positive. 0 turns the rule off.
     agreement_depth: int = Field(0, ge=0)
+    # Coverage fallback: a (query, positive) left short may take candidates beyond range_max, up to
+    # `fallback_steps` steps of `fallback_width` ranks, nearest step first. 0 turns it off.
+    fallback_steps: int = Field(0, ge=0)
+    fallback_width: int = Field(50, ge=1)
 
     @property
     def needs_geometry(self) -> bool:
@@ -158,6 +162,7 @@ CLI_KEYS: dict[str, str] = {
     "max_positive_similarity": "filter.max_positive_similarity",
     "denoise_threshold": "filter.denoise_threshold",
     "agreement_depth": "filter.agreement_depth",
+    "fallback_steps": "filter.fallback_steps",
     "num_negatives": "sample.num_negatives",
     "sampling": "sample.strategy",
     "seed": "sample.seed",

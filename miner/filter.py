@@ -143,6 +143,18 @@ def positive_aware_filter(
     if ceiling is not None:
         verdict = verdict.when(pl.col("teacher_score") > ceiling).then(pl.lit(config.method))
     frame = frame.with_columns(dropped_by=verdict.otherwise(pl.lit(None, pl.String)))
+    # Past range_max and clear of every other rule: admissible if the pair is short of negatives.
+    beyond = pl.col("teacher_rank") - config.range_max
+    passes_score_rule = pl.lit(True) if ceiling is None else pl.col("teacher_score") <= ceiling
+    step = ((beyond + config.fallback_width - 1) // config.fallback_width).cast(pl.Int32)
+    frame = frame.with_columns(
+        fallback_step=pl.when(pl.col("dropped_by").is_null())
+        .then(pl.lit(0, pl.Int32))
+        .when(
+            (pl.col("dropped_by") == "rank_window") & (beyond > 0) & passes_score_rule & (step <= config.fallback_steps)
+        )
+        .then(step)
+    )
     return schema.conform(frame.sort("query_id", "fused_rank"), schema.JUDGED)
 
 

@@ -30,7 +30,8 @@ def sample_negatives(
     or batch sizes.
     A pair left with fewer survivors keeps what it has and is counted; nothing is padded.
     """
-    survivors = pl.from_arrow(judged).filter(pl.col("dropped_by").is_null())
+    # Kept candidates, and those the coverage fallback may admit (used only where kept ones run out).
+    survivors = pl.from_arrow(judged).filter(pl.col("fallback_step").is_not_null())
     positives = positive_scores(qrels, teacher_scores)
     pairs = positives.join(survivors, on="query_id", how="inner")
     draw = pl.concat_str(
@@ -48,7 +49,7 @@ def sample_negatives(
         order = -uniform.log() / weight
     chosen = (
         pairs.with_columns(_order=order)
-        .sort(["query_id", "positive_id", "_order", "doc_id"])
+        .sort(["query_id", "positive_id", "fallback_step", "_order", "doc_id"])
         .group_by(["query_id", "positive_id"], maintain_order=True)
         .head(config.num_negatives)
         .select(
@@ -62,6 +63,7 @@ def sample_negatives(
             bm25_rank="bm25_rank",
             dense_rank="dense_rank",
             fused_rank="fused_rank",
+            fallback_step="fallback_step",
         )
     )
     per_pair = positives.join(
@@ -73,5 +75,6 @@ def sample_negatives(
         "pairs_short": per_pair.filter((pl.col("n") > 0) & (pl.col("n") < config.num_negatives)).height,
         "pairs_without_negatives": per_pair.filter(pl.col("n") == 0).height,
         "negatives": chosen.height,
+        "negatives_from_fallback": chosen.filter(pl.col("fallback_step") > 0).height,
     }
     return schema.conform(chosen, schema.SELECTED), counts

@@ -52,6 +52,8 @@ JUDGED = pa.schema(
         ("teacher_rank", pa.int32()),
         ("positive_reference", pa.float32()),
         ("dropped_by", _str),
+        # 0: kept; k > 0: dropped by the rank window but admissible at coverage-fallback step k; null: dropped.
+        ("fallback_step", pa.int32()),
     ]
 )
 
@@ -68,6 +70,7 @@ SELECTED = pa.schema(
         ("bm25_rank", pa.int32()),
         ("dense_rank", pa.int32()),
         ("fused_rank", pa.int32()),
+        ("fallback_step", pa.int32()),
     ]
 )
 

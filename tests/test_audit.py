@@ -54,6 +54,7 @@ def test_measure_counts_leaks_coverage_and_hardness(tmp_path: Path) -> None:
             "bm25_rank": [1, 2, 3],
             "dense_rank": [1, 2, 3],
             "fused_rank": [1, 2, 3],
+            "fallback_step": [0, 0, 0],
         }
     )
     vectors = np.eye(8, dtype=np.float32)

@@ -197,7 +197,14 @@ def test_top_sampling_takes_the_hardest_for_each_positive() -> None:
     judged, (_, scores, qrels, _) = _judged_many(10)
     selected, counts = sample_negatives(judged, qrels, scores, SampleConfig(num_negatives=3))
     frame = pl.from_arrow(selected)
-    assert counts == {"pairs": 2, "pairs_full": 2, "pairs_short": 0, "pairs_without_negatives": 0, "negatives": 6}
+    assert counts == {
+        "pairs": 2,
+        "pairs_full": 2,
+        "pairs_short": 0,
+        "pairs_without_negatives": 0,
+        "negatives": 6,
+        "negatives_from_fallback": 0,
+    }
     for positive in ("p1", "p2"):
         assert frame.filter(pl.col("positive_id") == positive)["negative_id"].to_list() == ["d00", "d01", "d02"]
     assert frame["negative_rank"].to_list() == [1, 2, 3, 1, 2, 3]
@@ -235,3 +242,22 @@ def test_simans_favours_candidates_scored_near_the_positive() -> None:
     flat = SampleConfig(num_negatives=3, strategy="simans", simans_a=0.001, seed=1)
     spread = pl.from_arrow(sample_negatives(judged, qrels, scores, flat)[0])
     assert spread["negative_rank"].max() > 6  # a flat kernel draws from the whole list, like `random`
+
+
+def test_coverage_fallback_widens_the_window_only_for_short_pairs() -> None:
+    world = _world({f"d{i}": 0.9 - i * 0.01 for i in range(8)}, {"p": 0.95})
+    narrow = FilterConfig(method="none", range_max=2, fallback_steps=1, fallback_width=1)
+    judged = positive_aware_filter(*world, narrow)
+    steps = pl.from_arrow(judged).sort("teacher_rank")["fallback_step"].to_list()
+    assert steps == [0, 0, 1, None, None, None, None, None]
+    _, scores, qrels, _ = world
+    selected, counts = sample_negatives(judged, qrels, scores, SampleConfig(num_negatives=4))
+    chosen = pl.from_arrow(selected)
+    assert chosen["negative_id"].to_list() == ["d0", "d1", "d2"]
+    assert chosen["fallback_step"].to_list() == [0, 0, 1]
+    assert counts["negatives_from_fallback"] == 1 and counts["pairs_short"] == 1
+    wider = positive_aware_filter(*world, FilterConfig(method="none", range_max=2, fallback_steps=2, fallback_width=1))
+    assert sample_negatives(wider, qrels, scores, SampleConfig(num_negatives=4))[1]["pairs_full"] == 1
+    # A pair with enough kept candidates takes none from the fallback.
+    plenty = sample_negatives(judged, qrels, scores, SampleConfig(num_negatives=2))[1]
+    assert plenty["negatives_from_fallback"] == 0
