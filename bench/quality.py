@@ -35,19 +35,25 @@ PEER_SETTINGS = {
     "peer: relative_margin=0.05 (TopK-PercPos 95%)": {"relative_margin": 0.05},
     "peer: range_min=10, range_max=50, random": {"range_min": 10, "range_max": 50, "sampling_strategy": "random"},
 }
+NO_EXPANSION = {"filter.expansion_depth": 0}
 OUR_SETTINGS = {
-    "miner: method=none (naive top-5)": {"filter.method": "none"},
-    "miner: topk-percpos 0.95": {"filter.method": "topk-percpos", "filter.pct": 0.95},
+    "miner: defaults (method none, expansion_depth 40)": {},
+    "miner: naive top-5 (no rule)": {"filter.method": "none", **NO_EXPANSION},
+    "miner: topk-percpos 0.95": {"filter.method": "topk-percpos", **NO_EXPANSION},
+    "miner: topk-percpos 0.95 + fallback 3 steps": {
+        "filter.method": "topk-percpos",
+        "filter.fallback_steps": 3,
+        **NO_EXPANSION,
+    },
     "miner: range 10-50, random": {
-        "filter.method": "none",
         "filter.range_min": 10,
         "filter.range_max": 50,
         "sample.strategy": "random",
+        **NO_EXPANSION,
     },
-    **{
-        f"miner: expansion_depth={depth}": {"filter.method": "none", "filter.expansion_depth": depth}
-        for depth in (20, 30, 40, 50)
-    },
+    "miner: simans (a 20, b 0)": {"sample.strategy": "simans", **NO_EXPANSION},
+    "miner: retriever agreement 20": {"filter.agreement_depth": 20, **NO_EXPANSION},
+    **{f"miner: expansion_depth {depth}": {"filter.expansion_depth": depth} for depth in (20, 30, 35, 45, 50)},
 }
 
 

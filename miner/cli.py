@@ -69,44 +69,37 @@ def mine(
     model: Annotated[str | None, _opt("model", "embedding model: bundled name or folder [all-MiniLM-L6-v2]")] = None,
     cross_encoder: Annotated[str | None, _opt("cross_encoder", "teacher cross-encoder (folder or id)")] = None,
     batch_size: Annotated[int | None, _opt("batch_size", "encoding batch size [64]")] = None,
-    method: Annotated[str | None, _opt("method", "none | topk-abs | topk-marginpos | topk-percpos")] = None,
+    method: Annotated[str | None, _opt("method", "none | topk-abs | topk-marginpos | topk-percpos [none]")] = None,
     max_score: Annotated[float | None, _opt("max_score", "topk-abs ceiling [0.95]")] = None,
     margin: Annotated[float | None, _opt("margin", "topk-marginpos margin [0.05]")] = None,
     pct: Annotated[float | None, _opt("pct", "topk-percpos fraction of the positive [0.95]")] = None,
     positive_reference: Annotated[str | None, _opt("positive_reference", "min | mean | max [min]")] = None,
     range_min: Annotated[int | None, _opt("range_min", "skip the teacher's top N [0]")] = None,
     range_max: Annotated[int | None, _opt("range_max", "consider up to teacher rank N [100]")] = None,
+    expansion_depth: Annotated[
+        int | None, _opt("expansion_depth", "drop the top N for the query expanded by its positives [40; 0 off]")
+    ] = None,
+    expansion_weight: Annotated[float | None, _opt("expansion_weight", "weight of the positives [0.5]")] = None,
+    max_positive_similarity: Annotated[
+        float | None, _opt("max_positive_similarity", "drop near-copies of a positive above this cosine")
+    ] = None,
+    denoise_threshold: Annotated[float | None, _opt("denoise_threshold", "drop teacher scores above this")] = None,
+    agreement_depth: Annotated[
+        int | None, _opt("agreement_depth", "drop what BM25 and dense both rank within N [0 off]")
+    ] = None,
+    fallback_steps: Annotated[
+        int | None, _opt("fallback_steps", "short pairs may reach past range_max in N steps [0 off]")
+    ] = None,
     num_negatives: Annotated[int | None, _opt("num_negatives", "negatives per (query, positive) [5]")] = None,
-    sampling: Annotated[str | None, _opt("sampling", "top | random [top]")] = None,
+    sampling: Annotated[str | None, _opt("sampling", "top | random | simans [top]")] = None,
+    simans_a: Annotated[float | None, _opt("simans_a", "SimANS kernel width [20]")] = None,
+    simans_b: Annotated[float | None, _opt("simans_b", "SimANS offset [0]")] = None,
     seed: Annotated[int | None, _opt("seed", "seed for random sampling")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, warnings only")] = False,
 ) -> None:
     """Mine hard negatives from DATA into OUT (negatives, triplets, ntuples, manifest)."""
-    given = {
-        "split": split,
-        "corpus": corpus,
-        "queries": queries,
-        "min_relevance": min_relevance,
-        "skip_unknown": skip_unknown,
-        "threads": threads,
-        "bm25": bm25,
-        "bm25_k": bm25_k,
-        "dense": dense,
-        "dense_k": dense_k,
-        "model": model,
-        "cross_encoder": cross_encoder,
-        "batch_size": batch_size,
-        "method": method,
-        "max_score": max_score,
-        "margin": margin,
-        "pct": pct,
-        "positive_reference": positive_reference,
-        "range_min": range_min,
-        "range_max": range_max,
-        "num_negatives": num_negatives,
-        "sampling": sampling,
-        "seed": seed,
-    }
+    # Every option named in CLI_KEYS is a config setting; None means "not given".
+    given = {name: value for name, value in locals().items() if name in CLI_KEYS}
     overrides = {CLI_KEYS[name]: value for name, value in given.items()}
     overrides.update({"data": data, "out": out, "show_progress": False if quiet else None})
     settings = load_config(config, overrides)

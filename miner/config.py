@@ -41,7 +41,8 @@ class ModelConfig(_Section):
 
 
 class FilterConfig(_Section):
-    method: FilterMethod = "topk-percpos"
+    # Defaults chosen with `miner audit` / bench/quality.py: see the README's "Why these defaults".
+    method: FilterMethod = "none"
     # topk-abs: drop candidates scoring above this ceiling.
     max_score: float = 0.95
     # topk-marginpos: drop candidates scoring above (positive - margin).
@@ -56,7 +57,8 @@ class FilterConfig(_Section):
     # Positive expansion: rank candidates for the query moved towards its positives
     # (q + weight x mean positive, in the embedding model's space) and drop the top `expansion_depth`:
     # passages that look like the positive and the query at once are the likeliest unlabelled positives.
-    expansion_depth: int = Field(0, ge=0, description="0 turns the rule off")
+    # Never more than half of a query's candidates, so a small corpus is not emptied.
+    expansion_depth: int = Field(40, ge=0, description="0 turns the rule off")
     expansion_weight: float = Field(0.5, gt=0)
     # Near-duplicates of a positive: drop candidates whose cosine with the nearest positive exceeds this.
     max_positive_similarity: float | None = Field(None, gt=-1, le=1)

@@ -135,7 +135,8 @@ def positive_aware_filter(
         frame = frame.sort(["query_id", "expanded_score", "doc_id"], descending=[False, True, False]).with_columns(
             _expanded_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id"))
         )
-        verdict = verdict.when(pl.col("_expanded_rank") <= config.expansion_depth).then(pl.lit("positive_expansion"))
+        depth = pl.min_horizontal(pl.lit(config.expansion_depth), rankable.cast(pl.Int32).sum().over("query_id") // 2)
+        verdict = verdict.when(pl.col("_expanded_rank") <= depth).then(pl.lit("positive_expansion"))
     verdict = verdict.when(
         (pl.col("teacher_rank") <= config.range_min) | (pl.col("teacher_rank") > config.range_max)
     ).then(pl.lit("rank_window"))

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_example_config_is_valid_and_paths_are_relative_to_it() -> None:
     config = load_config(ROOT / "examples" / "mine.toml", {})
     assert config.data == (ROOT / "data" / "cranfield").resolve()
-    assert config.filter.method == "topk-percpos" and config.sample.num_negatives == 5
+    assert config == load_config(None, {"data": ROOT / "data" / "cranfield", "out": config.out})  # lists defaults
 
 
 def test_command_line_overrides_the_file(tmp_path: Path) -> None:
@@ -52,3 +52,12 @@ def test_bad_settings_name_the_file_and_key(tmp_path: Path, text: str, expected:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="config file not found"):
         load_config(tmp_path / "nope.toml", {})
+
+
+def test_every_command_line_key_is_an_option_of_mine() -> None:
+    import inspect
+
+    from miner.cli import mine
+    from miner.config import CLI_KEYS
+
+    assert set(CLI_KEYS) <= set(inspect.signature(mine).parameters)

@@ -119,6 +119,8 @@ def test_cross_encoder_teacher_with_bm25_only(small_beir: Path, tiny_cross_encod
         tiny_cross_encoder,
         "--method",
         "none",
+        "--expansion-depth",
+        "0",
         "--sampling",
         "random",
         "--seed",
