@@ -120,11 +120,20 @@ def test_rules_that_use_positive_geometry_teacher_and_retriever_agreement() -> N
 
     def verdicts(**settings) -> dict[str, str | None]:
         judged = pl.from_arrow(
-            positive_aware_filter(pool, scores, qrels, corpus, FilterConfig(method="none", **settings), geometry)
+            positive_aware_filter(
+                pool,
+                scores,
+                qrels,
+                corpus,
+                FilterConfig(**{"method": "none", "expansion_depth": 0, **settings}),
+                geometry,
+            )
         )
         return dict(zip(judged["doc_id"].to_list(), judged["dropped_by"].to_list(), strict=True))
 
     assert verdicts(expansion_depth=1) == {"a": None, "b": "positive_expansion", "c": None}
+    # The default depth never takes more than half of a query's candidates: here one of three.
+    assert verdicts(expansion_depth=40) == {"a": None, "b": "positive_expansion", "c": None}
     assert verdicts(max_positive_similarity=0.95) == {"a": "near_duplicate_of_positive", "b": None, "c": None}
     assert verdicts(denoise_threshold=0.55) == {"a": None, "b": "denoise", "c": None}
     # bm25 and dense ranks are 1, 2, 3 for a, b, c: depth 2 catches the two both retrievers put on top.
@@ -135,7 +144,7 @@ def test_audit_sweeps_settings_over_one_scoring(small_beir: Path, tmp_path: Path
     data = ingest(small_beir)
     base = {"data": small_beir, "out": tmp_path}
     settings = {
-        "naive": load_config(None, {**base, "filter.method": "none"}),
+        "naive": load_config(None, {**base, "filter.method": "none", "filter.expansion_depth": 0}),
         "expansion": load_config(None, {**base, "filter.method": "none", "filter.expansion_depth": 10}),
     }
     report = audit(data, settings)

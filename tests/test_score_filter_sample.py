@@ -134,7 +134,7 @@ def _world(candidate_scores: dict[str, float], positive_scores: dict[str, float]
 
 
 def _verdicts(world, **settings) -> dict[str, str | None]:
-    judged = pl.from_arrow(positive_aware_filter(*world, FilterConfig(**settings)))
+    judged = pl.from_arrow(positive_aware_filter(*world, FilterConfig(**{"expansion_depth": 0, **settings})))
     return dict(zip(judged["doc_id"].to_list(), judged["dropped_by"].to_list(), strict=True))
 
 
@@ -179,7 +179,7 @@ def test_rank_window_duplicates_and_invalid_scores() -> None:
         "d": "rank_window",
         "nan": "invalid_score",
     }
-    judged = positive_aware_filter(*world, FilterConfig(method="none", range_min=1, range_max=3))
+    judged = positive_aware_filter(*world, FilterConfig(method="none", range_min=1, range_max=3, expansion_depth=0))
     assert pl.from_arrow(judged).filter(pl.col("doc_id") == "c")["teacher_rank"][0] == 3
     counts = filter_counts(judged)
     assert counts["rank_window"] == 2 and counts["kept"] == 2 and counts["duplicate_of_positive"] == 1
@@ -190,7 +190,7 @@ def test_rank_window_duplicates_and_invalid_scores() -> None:
 
 def _judged_many(n: int):
     world = _world({f"d{i:02d}": 0.9 - i * 0.01 for i in range(n)}, {"p1": 0.95, "p2": 0.97})
-    return positive_aware_filter(*world, FilterConfig(method="none")), world
+    return positive_aware_filter(*world, FilterConfig(method="none", expansion_depth=0)), world
 
 
 def test_top_sampling_takes_the_hardest_for_each_positive() -> None:
@@ -246,7 +246,7 @@ def test_simans_favours_candidates_scored_near_the_positive() -> None:
 
 def test_coverage_fallback_widens_the_window_only_for_short_pairs() -> None:
     world = _world({f"d{i}": 0.9 - i * 0.01 for i in range(8)}, {"p": 0.95})
-    narrow = FilterConfig(method="none", range_max=2, fallback_steps=1, fallback_width=1)
+    narrow = FilterConfig(method="none", range_max=2, fallback_steps=1, fallback_width=1, expansion_depth=0)
     judged = positive_aware_filter(*world, narrow)
     steps = pl.from_arrow(judged).sort("teacher_rank")["fallback_step"].to_list()
     assert steps == [0, 0, 1, None, None, None, None, None]
@@ -256,7 +256,9 @@ def test_coverage_fallback_widens_the_window_only_for_short_pairs() -> None:
     assert chosen["negative_id"].to_list() == ["d0", "d1", "d2"]
     assert chosen["fallback_step"].to_list() == [0, 0, 1]
     assert counts["negatives_from_fallback"] == 1 and counts["pairs_short"] == 1
-    wider = positive_aware_filter(*world, FilterConfig(method="none", range_max=2, fallback_steps=2, fallback_width=1))
+    wider = positive_aware_filter(
+        *world, FilterConfig(method="none", range_max=2, fallback_steps=2, fallback_width=1, expansion_depth=0)
+    )
     assert sample_negatives(wider, qrels, scores, SampleConfig(num_negatives=4))[1]["pairs_full"] == 1
     # A pair with enough kept candidates takes none from the fallback.
     plenty = sample_negatives(judged, qrels, scores, SampleConfig(num_negatives=2))[1]
