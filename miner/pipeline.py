@@ -7,6 +7,7 @@ stages directly. So a flow run, a library call and an audit mine the same way.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from miner import candidates, sample, score
+from miner.cache import EmbeddingCache
 from miner.config import MineConfig
 from miner.filter import filter_counts, positive_aware_filter
 from miner.ingest import Ingested
@@ -83,7 +85,12 @@ def embed(
     torch.set_num_threads(threads(config))
     model = load_embedding_model(model_ref)
     corpus = data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
-    options = {"batch_size": config.models.batch_size, "show_progress": config.show_progress}
+    options = {
+        "batch_size": config.models.batch_size,
+        "show_progress": config.show_progress,
+        "cache": EmbeddingCache(config.cache_dir) if config.cache else None,
+        "model_key": hashlib.blake2b(model_ref.fingerprint.encode(), digest_size=8).hexdigest(),
+    }
     return (
         embed_table(model, data.queries, id_column="query_id", kind="query", **options),
         embed_table(model, corpus, id_column="doc_id", kind="document", **options),
@@ -149,8 +156,22 @@ def score_candidates(data: Ingested, config: MineConfig, run: StageRunner = run_
         embeddings=embeddings,
         models={"embedding": embedding_ref, **({"teacher": teacher_ref} if teacher_ref else {})},
         teacher=f"cross-encoder:{teacher_ref.spec}" if teacher_ref else f"bi-encoder:{embedding_ref.spec}",
-        counts={"candidates": counts, "teacher": {"pairs_scored": scores.num_rows}},
+        counts={
+            "candidates": counts,
+            "teacher": {"pairs_scored": scores.num_rows},
+            "embeddings": _embedding_counts(embeddings),
+        },
     )
+
+
+def _embedding_counts(embeddings: tuple[Embeddings, Embeddings] | None) -> dict[str, int]:
+    if embeddings is None:
+        return {}
+    counts = {}
+    for kind, table in zip(("queries", "documents"), embeddings, strict=True):
+        counts[f"{kind}_encoded"] = table.encoded
+        counts[f"{kind}_from_cache_or_duplicates"] = len(table.ids) - table.encoded
+    return counts
 
 
 def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: StageRunner = run_directly) -> Selected:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Embedding cache of this test session, not the user's.
+os.environ["MINER_CACHE_DIR"] = tempfile.mkdtemp(prefix="miner-test-cache-")
 
 # Prefect binds its console handler to the stderr it sees at import: import it here, not inside a
 # CliRunner invocation whose captured stream is closed afterwards.
