@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from miner import export
 from miner.config import MineConfig
 from miner.ingest import Ingested, ingest
+from miner.lock import output_lock
 from miner.manifest import build_manifest, check_output_writable
 from miner.pipeline import Scored, Selected, score_candidates, select_negatives
 
@@ -88,11 +89,13 @@ def mine_flow(config: MineConfig) -> dict[str, Any]:
     log = get_run_logger()
     timings: dict[str, float] = {}
     run = prefect_stages(timings)
-    data = run("ingest", ingest_checked, config)
-    log.info("ingested %s", data.counts)
-    scored = score_candidates(data, config, run)
-    chosen = select_negatives(scored, data, config, run)
-    manifest = run("export", write_outputs, data, scored, chosen, config, timings)
+    check_output_writable(config.out)
+    with output_lock(config.out):
+        data = run("ingest", ingest_checked, config)
+        log.info("ingested %s", data.counts)
+        scored = score_candidates(data, config, run)
+        chosen = select_negatives(scored, data, config, run)
+        manifest = run("export", write_outputs, data, scored, chosen, config, timings)
     sample_counts = chosen.counts["sample"]
     log.info(
         "wrote %s: %s negatives for %s (query, positive) pairs",

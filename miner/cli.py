@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -108,12 +109,19 @@ def mine(
     overrides = {CLI_KEYS[name]: value for name, value in given.items()}
     overrides.update({"data": data, "out": out, "show_progress": False if quiet else None})
     settings = load_config(config, overrides)
+    if quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"  # read by Prefect when it is first imported
+    from flows.mine import mine_flow  # first: its import creates the loggers adjusted next
+
     _prefect_logging(quiet)
-    from flows.mine import mine_flow
+    from miner.lock import check_unlocked
     from miner.manifest import check_output_writable
 
-    check_output_writable(settings.out)  # before Prefect starts, so the common mistake costs nothing
-    manifest = mine_flow(settings)
+    # Before Prefect starts, so the common mistakes cost nothing.
+    check_output_writable(settings.out)
+    check_unlocked(settings.out)
+    with _prefect_level(quiet):
+        manifest = mine_flow(settings)
     if not quiet:
         typer.echo(
             f"wrote {settings.out}: {manifest['counts']['sample']['negatives']} negatives; "
@@ -224,6 +232,15 @@ class _DropUserErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         return not isinstance(error, InputError) and "InputError" not in record.getMessage()
+
+
+def _prefect_level(quiet: bool) -> contextlib.AbstractContextManager[object]:
+    """Prefect re-reads its logging level when its temporary server starts; keep it at WARNING in that case."""
+    if not quiet:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_LOGGING_LEVEL: "WARNING"})
 
 
 def _prefect_logging(quiet: bool) -> None:

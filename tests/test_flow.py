@@ -255,3 +255,32 @@ def test_a_process_with_no_server_runs_prefect_ephemerally(small_beir: Path, tmp
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "manifest.json").is_file()
     assert (tmp_path / "prefect-home").is_dir()  # the temporary server kept its database there
+    assert "INFO" not in result.stderr  # --quiet holds even after Prefect's server reconfigures logging
+
+
+def _lock(out: Path, pid: int) -> Path:
+    from miner.lock import lock_path
+
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": __import__("socket").gethostname(), "started": "earlier"}))
+    return path
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(small_beir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        _lock(out, holder.pid)
+        code, _, stderr = run_cli("mine", small_beir, "--out", out, "-q")
+        assert code == 2
+        assert f"in use by process {holder.pid}" in stderr and "started earlier" in stderr
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale and the next run takes it over, then releases it.
+    lock = _lock(out, holder.pid)
+    code, _, stderr = run_cli("mine", small_beir, "--out", out, "-q", "--no-bm25", "--num-negatives", "2")
+    assert code == 0, stderr
+    assert (out / "manifest.json").is_file() and not lock.exists()
