@@ -33,8 +33,7 @@ def prefect_stages(timings: dict[str, float]) -> Callable[..., Any]:
     return run
 
 
-def ingest_checked(config: MineConfig) -> Ingested:
-    check_output_writable(config.out)
+def ingest_from_config(config: MineConfig) -> Ingested:
     return ingest(
         config.data,
         split=config.split,
@@ -91,7 +90,7 @@ def mine_flow(config: MineConfig) -> dict[str, Any]:
     run = prefect_stages(timings)
     check_output_writable(config.out)
     with output_lock(config.out):
-        data = run("ingest", ingest_checked, config)
+        data = run("ingest", ingest_from_config, config)
         log.info("ingested %s", data.counts)
         scored = score_candidates(data, config, run)
         chosen = select_negatives(scored, data, config, run)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,9 +28,9 @@ from miner.export import write_json_atomic, write_parquet_atomic
 from miner.ingest import Ingested
 from miner.models import Embeddings, resolve_model
 from miner.pipeline import Scored, embed, run_directly, score_candidates, select_negatives
+from miner.score import bi_encoder_scores
 
 REFERENCE_MODEL = "all-MiniLM-L6-v2"
-METRICS = ("queries", "negatives", "coverage", "false_negative_rate", "hardness", "mean_rank")
 
 
 @dataclass(frozen=True)
@@ -62,14 +61,6 @@ def hold_out_positives(data: Ingested) -> HeldOut:
     return HeldOut(replace(data, queries=queries, qrels=schema.conform(given, schema.QRELS), counts=counts), hidden)
 
 
-def _cosines(pairs: pl.DataFrame, queries: Embeddings, documents: Embeddings) -> np.ndarray:
-    query_rows = pl.DataFrame({"query_id": queries.ids}).with_row_index("q")
-    doc_rows = pl.DataFrame({"negative_id": documents.ids}).with_row_index("d")
-    rows = pairs.join(query_rows, on="query_id", how="left").join(doc_rows, on="negative_id", how="left")
-    q, d = rows["q"].to_numpy(), rows["d"].to_numpy()
-    return np.einsum("ij,ij->i", queries.vectors[q], documents.vectors[d])
-
-
 def measure(
     selected: pa.Table, held_out: HeldOut, reference: tuple[Embeddings, Embeddings], num_negatives: int
 ) -> dict[str, float]:
@@ -81,7 +72,10 @@ def measure(
     leaked = negatives.join(
         held_out.hidden.rename({"doc_id": "negative_id"}), on=["query_id", "negative_id"], how="semi"
     ).height
-    hardness = _cosines(negatives, *reference) if negatives.height else np.zeros(0)
+    queries_ref, documents_ref = reference
+    pairs = negatives.select("query_id", doc_id="negative_id").to_arrow()
+    cosines = bi_encoder_scores(pairs, queries_ref.ids, queries_ref.vectors, documents_ref.ids, documents_ref.vectors)
+    hardness = cosines["teacher_score"].to_numpy()
     return {
         "queries": queries,
         "negatives": negatives.height,

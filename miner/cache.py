@@ -19,6 +19,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MINER_CACHE_DIR", Path.home() / ".cache" / "hardneg-miner"))
+
+
 def _checksum(hashes: np.ndarray, vectors: np.ndarray) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update("\n".join(hashes.tolist()).encode())

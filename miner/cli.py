@@ -149,7 +149,7 @@ def audit(
     from miner.manifest import check_output_writable
 
     base = {"data": data, "out": out, "split": split, "show_progress": False if quiet else None}
-    named = [parse_setting(text) for text in setting or ["default: sample.num_negatives=5"]]
+    named = [parse_setting(text) for text in setting] if setting else [("default", {})]
     # Every setting is validated before any model runs.
     settings = {name: load_config(config, {**base, **overrides}) for name, overrides in named}
     first = next(iter(settings.values()))
@@ -166,10 +166,9 @@ _CACHE_DIR = typer.Option("--cache-dir", help="cache folder [MINER_CACHE_DIR or 
 
 
 def _cache(cache_dir: Path | None) -> EmbeddingCache:
-    from miner.cache import EmbeddingCache
+    from miner.cache import EmbeddingCache, default_cache_dir
 
-    default = load_config(None, {"data": ".", "out": "."}).cache_dir
-    return EmbeddingCache(cache_dir or default)
+    return EmbeddingCache(cache_dir or default_cache_dir())
 
 
 @cache_app.command("info")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from miner.cache import default_cache_dir
 from miner.errors import InputError
 
 FilterMethod = Literal["none", "topk-abs", "topk-marginpos", "topk-percpos"]
@@ -108,9 +108,7 @@ class MineConfig(_Section):
     show_progress: bool = True
     # Content-addressed embedding cache: re-runs encode only texts not seen with the same model.
     cache: bool = True
-    cache_dir: Path = Field(
-        default_factory=lambda: Path(os.environ.get("MINER_CACHE_DIR", Path.home() / ".cache" / "hardneg-miner"))
-    )
+    cache_dir: Path = Field(default_factory=default_cache_dir)
     retrieval: RetrievalConfig = RetrievalConfig()
     models: ModelConfig = ModelConfig()
     filter: FilterConfig = FilterConfig()
