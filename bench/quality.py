@@ -54,6 +54,14 @@ OUR_SETTINGS = {
     "miner: simans (a 20, b 0)": {"sample.strategy": "simans", **NO_EXPANSION},
     "miner: retriever agreement 20": {"filter.agreement_depth": 20, **NO_EXPANSION},
     **{f"miner: expansion_depth {depth}": {"filter.expansion_depth": depth} for depth in (20, 30, 35, 45, 50)},
+    # The weight moves the same trade-off: a lighter pull towards the positive needs a shallower depth.
+    **{
+        f"miner: expansion_weight {weight}, depth {depth}": {
+            "filter.expansion_weight": weight,
+            "filter.expansion_depth": depth,
+        }
+        for weight, depth in ((0.25, 30), (0.25, 40), (1.0, 40), (1.0, 50))
+    },
 }
 
 

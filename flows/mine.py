@@ -15,6 +15,7 @@ from miner.ingest import Ingested, ingest
 from miner.lock import output_lock
 from miner.manifest import build_manifest, check_output_writable
 from miner.pipeline import Scored, Selected, score_candidates, select_negatives
+from miner.resume import StageStore, resumable, run_key, work_dir
 
 
 def prefect_stages(timings: dict[str, float]) -> Callable[..., Any]:
@@ -45,11 +46,19 @@ def ingest_from_config(config: MineConfig) -> Ingested:
 
 
 def write_outputs(
-    data: Ingested, scored: Scored, chosen: Selected, config: MineConfig, timings: dict[str, float]
+    data: Ingested,
+    scored: Scored,
+    chosen: Selected,
+    config: MineConfig,
+    timings: dict[str, float],
+    resumed: list[str],
 ) -> dict[str, Any]:
     """Write the training files, then the manifest last: a folder with a manifest is complete."""
     out = config.out
+    scratch = work_dir(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Without its manifest the folder reads as unfinished while its files are replaced one by one.
+    (out / export.MANIFEST_FILE).unlink(missing_ok=True)
     negatives = export.training_rows(chosen.selected, data.queries, data.corpus)
     ntuples, incomplete = export.ntuples(negatives, config.sample.num_negatives)
     outputs = {
@@ -58,7 +67,7 @@ def write_outputs(
         export.NTUPLES_FILE: ntuples,
     }
     for name, table in outputs.items():
-        export.write_parquet_atomic(table, out / name)
+        export.write_parquet_atomic(table, out / name, scratch=scratch)
     counts = {
         "ingest": data.counts,
         **scored.counts,
@@ -75,10 +84,11 @@ def write_outputs(
         counts=counts,
         scores=export.score_statistics(negatives),
         timings=timings,
+        resumed=resumed,
         files=[*outputs, export.MANIFEST_FILE],
         teacher=scored.teacher,
     )
-    export.write_json_atomic(manifest, out / export.MANIFEST_FILE)
+    export.write_json_atomic(manifest, out / export.MANIFEST_FILE, scratch=scratch)
     return manifest
 
 
@@ -87,14 +97,18 @@ def mine_flow(config: MineConfig) -> dict[str, Any]:
     """ingest -> BM25 + dense candidates -> teacher scores -> positive-aware filter -> sample -> export."""
     log = get_run_logger()
     timings: dict[str, float] = {}
-    run = prefect_stages(timings)
+    task_run = prefect_stages(timings)
     check_output_writable(config.out)
     with output_lock(config.out):
-        data = run("ingest", ingest_from_config, config)
+        data = task_run("ingest", ingest_from_config, config)
         log.info("ingested %s", data.counts)
+        store = StageStore(config.out, run_key(config, data.input_hashes))
+        resumed: list[str] = []
+        run = resumable(task_run, store, resumed, skip=frozenset({"export"}))
         scored = score_candidates(data, config, run)
         chosen = select_negatives(scored, data, config, run)
-        manifest = run("export", write_outputs, data, scored, chosen, config, timings)
+        manifest = run("export", write_outputs, data, scored, chosen, config, timings, resumed)
+        store.finish()
     sample_counts = chosen.counts["sample"]
     log.info(
         "wrote %s: %s negatives for %s (query, positive) pairs",

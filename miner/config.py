@@ -133,6 +133,19 @@ class MineConfig(_Section):
         depth = (self.retrieval.bm25_k if self.retrieval.bm25 else 0) + (
             self.retrieval.dense_k if self.retrieval.dense else 0
         )
+        if self.models.cross_encoder is None:
+            # The bi-encoder teacher scores cosines, never below -1: a ceiling under that drops everything.
+            # A cross-encoder's range is only known once it has scored (checked then, in the filter stage).
+            if self.filter.method == "topk-abs" and self.filter.max_score < -1:
+                raise ValueError(
+                    f"filter.max_score ({self.filter.max_score}) is below every cosine the bi-encoder teacher "
+                    "can give (-1 to 1), so no candidate passes"
+                )
+            if self.filter.denoise_threshold is not None and self.filter.denoise_threshold < -1:
+                raise ValueError(
+                    f"filter.denoise_threshold ({self.filter.denoise_threshold}) is below every cosine the "
+                    "bi-encoder teacher can give (-1 to 1), so every candidate is dropped"
+                )
         if self.filter.range_min >= depth:
             raise ValueError(
                 f"filter.range_min ({self.filter.range_min}) skips every candidate "

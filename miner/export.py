@@ -81,15 +81,18 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _atomic_path(path: Path) -> tuple[int, Path]:
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _atomic_path(path: Path, scratch: Path | None) -> tuple[int, Path]:
+    # `scratch` (same filesystem) keeps even the temporary name out of the folder a trainer reads.
+    folder = scratch if scratch is not None else path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.fchmod(descriptor, _FILE_MODE)  # mkstemp makes 0600; outputs are shared like any written file
     return descriptor, Path(name)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see a half-file."""
-    descriptor, temporary = _atomic_path(path)
+def write_parquet_atomic(table: pa.Table, path: Path, scratch: Path | None = None) -> None:
+    """Write to a temporary name (in `scratch`, else the same folder), then rename: no reader sees a half-file."""
+    descriptor, temporary = _atomic_path(path, scratch)
     os.close(descriptor)
     try:
         pq.write_table(table, temporary, compression="zstd")
@@ -98,8 +101,8 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def write_json_atomic(document: dict[str, Any], path: Path) -> None:
-    descriptor, temporary = _atomic_path(path)
+def write_json_atomic(document: dict[str, Any], path: Path, scratch: Path | None = None) -> None:
+    descriptor, temporary = _atomic_path(path, scratch)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             json.dump(document, handle, indent=2, sort_keys=False, default=str)

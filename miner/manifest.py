@@ -49,6 +49,7 @@ def build_manifest(
     timings: dict[str, float],
     files: list[str],
     teacher: str,
+    resumed: list[str] | None = None,
 ) -> dict[str, Any]:
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -60,6 +61,8 @@ def build_manifest(
         "counts": counts,
         "scores": scores,
         "timings_s": {stage: round(seconds, 3) for stage, seconds in timings.items()},
+        # Stages loaded from an interrupted run's checkpoints instead of being run again.
+        "resumed_stages": resumed or [],
         "files": files,
     }
 

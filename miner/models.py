@@ -6,7 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -77,22 +77,36 @@ def _load_failure(ref: ModelRef, error: Exception) -> InputError:
     )
 
 
-def load_embedding_model(ref: ModelRef) -> SentenceTransformer:
+def _load(kind: type, ref: ModelRef, show_progress: bool) -> Any:
+    from transformers.utils import logging as transformers_logging
+
+    # transformers draws a "Loading weights" bar of its own; --quiet must silence it too.
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not show_progress:
+        transformers_logging.disable_progress_bar()
+    try:
+        return kind(ref.location, device="cpu", local_files_only=ref.origin != "hub")
+    except (OSError, ValueError) as error:
+        raise _load_failure(ref, error) from None
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def load_embedding_model(ref: ModelRef, show_progress: bool = True) -> SentenceTransformer:
     from sentence_transformers import SentenceTransformer
 
-    try:
-        return SentenceTransformer(ref.location, device="cpu", local_files_only=ref.origin != "hub")
-    except (OSError, ValueError) as error:
-        raise _load_failure(ref, error) from None
+    return _load(SentenceTransformer, ref, show_progress)
 
 
-def load_cross_encoder(ref: ModelRef) -> CrossEncoder:
+def load_cross_encoder(ref: ModelRef, show_progress: bool = True) -> CrossEncoder:
     from sentence_transformers import CrossEncoder
 
-    try:
-        return CrossEncoder(ref.location, device="cpu", local_files_only=ref.origin != "hub")
-    except (OSError, ValueError) as error:
-        raise _load_failure(ref, error) from None
+    return _load(CrossEncoder, ref, show_progress)
+
+
+# Texts encoded between two writes to the embedding cache.
+ENCODE_CHUNK = 1024
 
 
 def encode(
@@ -139,18 +153,19 @@ def embed_table(
         vectors, found = cache.lookup(model_key, kind, hashes, dim)
     else:
         vectors, found = np.zeros((len(hashes), dim), dtype=np.float32), np.zeros(len(hashes), dtype=bool)
-    first_of: dict[str, int] = {}
+    rows_of: dict[str, list[int]] = {}  # missing text -> the rows that carry it, in first-seen order
     for row, text_hash in enumerate(hashes):
         if not found[row]:
-            first_of.setdefault(text_hash, row)
-    missing = list(first_of.values())
-    if missing:
-        texts = table.column("text").take(pa.array(missing))
+            rows_of.setdefault(text_hash, []).append(row)
+    missing = list(rows_of)
+    # Chunks go to the cache as they finish, so a killed run re-encodes at most one chunk. The chunk
+    # boundaries depend only on what is missing, so a resumed run batches exactly as an uninterrupted one.
+    for start in range(0, len(missing), ENCODE_CHUNK):
+        chunk = missing[start : start + ENCODE_CHUNK]
+        texts = table.column("text").take(pa.array([rows_of[text_hash][0] for text_hash in chunk]))
         fresh = encode(model, texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
-        by_hash = dict(zip(first_of, fresh, strict=True))
-        for row, text_hash in enumerate(hashes):
-            if not found[row]:
-                vectors[row] = by_hash[text_hash]
+        for text_hash, vector in zip(chunk, fresh, strict=True):
+            vectors[rows_of[text_hash]] = vector
         if cache is not None:
-            cache.store(model_key, kind, list(first_of), fresh)
+            cache.store(model_key, kind, chunk, fresh)
     return Embeddings(table.column(id_column), vectors, encoded=len(missing))

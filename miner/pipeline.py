@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from miner import candidates, sample, score
 from miner.cache import EmbeddingCache
 from miner.config import MineConfig
+from miner.errors import InputError
 from miner.filter import filter_counts, positive_aware_filter
 from miner.ingest import Ingested
 from miner.models import (
@@ -83,7 +84,7 @@ def embed(
     import torch
 
     torch.set_num_threads(threads(config))
-    model = load_embedding_model(model_ref)
+    model = load_embedding_model(model_ref, config.show_progress)
     corpus = data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
     options = {
         "batch_size": config.models.batch_size,
@@ -121,7 +122,7 @@ def teacher_scores(
             pairs,
             data.queries,
             data.corpus,
-            load_cross_encoder(teacher_ref),
+            load_cross_encoder(teacher_ref, config.show_progress),
             batch_size=config.models.teacher_batch_size,
             show_progress=config.show_progress,
         )
@@ -200,4 +201,24 @@ def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: St
     selected, sample_counts = run(
         "sample", sample.sample_negatives, judged, data.qrels, scored.teacher_scores, config.sample
     )
-    return Selected(judged, selected, {"filter": filter_counts(judged), "sample": sample_counts})
+    counts = filter_counts(judged)
+    if selected.num_rows == 0:
+        raise no_negatives_error(counts, scored.pool.num_rows)
+    return Selected(judged, selected, {"filter": counts, "sample": sample_counts})
+
+
+def no_negatives_error(counts: dict[str, int], pool_size: int) -> InputError:
+    """Why a run produced nothing, said before any output is written."""
+    if pool_size == 0:
+        return InputError(
+            "retrieval",
+            "the retrievers returned no candidate for any query",
+            "check that queries and documents share a language and that the corpus is not empty",
+        )
+    removed = {rule: n for rule, n in counts.items() if rule != "kept" and rule != "positive" and n}
+    worst = max(removed, key=lambda rule: removed[rule]) if removed else "positive"
+    return InputError(
+        "settings",
+        f"no candidate survived the filter ({worst} removed {counts.get(worst, 0)} of {pool_size})",
+        f"loosen the {worst} setting (see `miner mine --help`)",
+    )

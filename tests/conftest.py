@@ -31,6 +31,18 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def run_cli(*args: str | Path) -> tuple[int, str, str]:
+    """The CLI in this process: (exit code, stdout, stderr); a crash re-raised with its traceback."""
+    from typer.testing import CliRunner
+
+    from miner.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -53,17 +65,28 @@ def cranfield() -> Path:
     return CRANFIELD
 
 
-@pytest.fixture(scope="session")
-def small_beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Cranfield cut down so a full mining run takes seconds: 20 queries, their judged documents and 150 more."""
+def cranfield_subset(folder: Path, num_queries: int, extra_docs: int) -> Path:
+    """The first `num_queries` Cranfield queries, their judged documents and the first `extra_docs` others."""
     corpus = _read_jsonl(CRANFIELD / "corpus.jsonl")
-    queries = _read_jsonl(CRANFIELD / "queries.jsonl")[:20]
+    queries = _read_jsonl(CRANFIELD / "queries.jsonl")[:num_queries]
     query_ids = {q["_id"] for q in queries}
     qrels_lines = (CRANFIELD / "qrels" / "test.tsv").read_text().splitlines()[1:]
     qrels = [(q, d, int(s)) for q, d, s in (line.split("\t") for line in qrels_lines) if q in query_ids]
     judged = {d for _, d, _ in qrels}
-    keep = [doc for doc in corpus if doc["_id"] in judged or int(doc["_id"]) <= 150]
-    return write_beir(tmp_path_factory.mktemp("small") / "beir", keep, queries, qrels)
+    keep = [doc for doc in corpus if doc["_id"] in judged or int(doc["_id"]) <= extra_docs]
+    return write_beir(folder, keep, queries, qrels)
+
+
+@pytest.fixture(scope="session")
+def tiny_beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small enough that a process's start-up dominates a run: for tests that start many processes."""
+    return cranfield_subset(tmp_path_factory.mktemp("tiny") / "beir", num_queries=5, extra_docs=40)
+
+
+@pytest.fixture(scope="session")
+def small_beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cranfield cut down so a full mining run takes seconds: 20 queries, their judged documents and 150 more."""
+    return cranfield_subset(tmp_path_factory.mktemp("small") / "beir", num_queries=20, extra_docs=150)
 
 
 @pytest.fixture(scope="session")

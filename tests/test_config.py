@@ -39,6 +39,14 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
             'out = "o"\ndata = "d"\n[filter]\nrange_min = 10\nrange_max = 12\n',
             "holds fewer candidates than sample.num_negatives (5)",
         ),
+        (
+            'out = "o"\ndata = "d"\n[filter]\nmethod = "topk-abs"\nmax_score = -1.5\n',
+            "filter.max_score (-1.5) is below every cosine the bi-encoder teacher can give",
+        ),
+        (
+            'out = "o"\ndata = "d"\n[filter]\ndenoise_threshold = -2\n',
+            "every candidate is dropped",
+        ),
     ],
 )
 def test_bad_settings_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -11,18 +11,9 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
-
-from miner.cli import app
+from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def run_cli(*args: str | Path) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +160,20 @@ def test_bad_row_inside_the_flow_is_one_line_and_writes_nothing(small_beir: Path
         "fix the id, add the document, or pass --skip-unknown to skip such rows"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ceiling_above_every_teacher_score_is_refused_before_writing(
+    small_beir: Path, tiny_cross_encoder: Path, tmp_path: Path
+) -> None:
+    # A cross-encoder's score range is unknown until it has scored: the refusal comes after the teacher,
+    # and before any output exists.
+    out = tmp_path / "out"
+    args = ["--no-dense", "--cross-encoder", tiny_cross_encoder, "--expansion-depth", "0", "--method", "topk-abs"]
+    code, _, stderr = run_cli("mine", small_beir, "--out", out, "-q", *args, "--max-score", -1e9)
+    assert code == 2
+    assert "error: settings: no candidate survived the filter (topk-abs removed " in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def _subprocess(*args: str | Path, cwd: Path, **env_updates: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,175 @@
+"""Resumable stages: a run killed at any point picks up from the last stage it finished.
+
+Each finished stage leaves its result and then a completion record in a work folder beside OUT
+(`.<name>.miner-work`, next to the lock), so OUT itself only ever receives finished files. A record names
+the run key (input file hashes + every setting that changes rows) and the checksums of the files it
+vouches for; a result without its record, or with a record of another key or checksum, is recomputed. The
+work folder is removed once the manifest is written.
+
+Inside the embedding stage, the embedding cache is the finer checkpoint: it stores each chunk of encoded
+texts as soon as the chunk is done, so a kill mid-encoding loses at most one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from miner.config import MineConfig
+from miner.export import write_json_atomic, write_parquet_atomic
+from miner.models import Embeddings
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "run-key.json"
+# Settings that change only speed or what is shown, never rows: a re-run that differs only in these resumes.
+RUNTIME_ONLY = {"out", "show_progress", "threads", "cache", "cache_dir"}
+RUNTIME_ONLY_MODELS = {"batch_size", "teacher_batch_size"}
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.miner-work"
+
+
+def run_key(config: MineConfig, input_hashes: dict[str, str]) -> str:
+    settings = config.model_dump(mode="json", exclude=RUNTIME_ONLY)
+    for key in RUNTIME_ONLY_MODELS:
+        settings["models"].pop(key, None)
+    document = json.dumps({"inputs": input_hashes, "settings": settings}, sort_keys=True)
+    return hashlib.blake2b(document.encode(), digest_size=16).hexdigest()
+
+
+def _checksum(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _save_embeddings(embeddings: tuple[Embeddings, Embeddings], path: Path, scratch: Path) -> None:
+    queries, documents = embeddings
+    temporary = scratch / f".{path.name}.tmp"
+    try:
+        with temporary.open("wb") as handle:
+            np.savez(
+                handle,
+                query_ids=np.asarray(queries.ids.to_pylist(), dtype=str),
+                query_vectors=queries.vectors,
+                doc_ids=np.asarray(documents.ids.to_pylist(), dtype=str),
+                doc_vectors=documents.vectors,
+                encoded=np.asarray([queries.encoded, documents.encoded]),
+            )
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _load_embeddings(path: Path) -> tuple[Embeddings, Embeddings]:
+    with np.load(path, allow_pickle=False) as stored:
+        encoded = stored["encoded"].tolist()
+        return (
+            Embeddings(pa.array(stored["query_ids"].tolist(), pa.string()), stored["query_vectors"], encoded[0]),
+            Embeddings(pa.array(stored["doc_ids"].tolist(), pa.string()), stored["doc_vectors"], encoded[1]),
+        )
+
+
+class StageStore:
+    """The work folder of one output: finished stage results of the current run key."""
+
+    def __init__(self, out: Path, key: str) -> None:
+        self.folder = work_dir(out)
+        self.key = key
+        recorded = self._recorded_key()
+        if recorded is not None and recorded != key:
+            log.info("settings or inputs changed since the interrupted run; starting its stages afresh")
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.folder.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)  # a write the previous run did not finish
+        if recorded != key:
+            write_json_atomic({"key": key}, self.folder / KEY_FILE)
+
+    def _recorded_key(self) -> str | None:
+        try:
+            return json.loads((self.folder / KEY_FILE).read_text(encoding="utf-8"))["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _record_path(self, stage: str) -> Path:
+        return self.folder / f"{stage}.done.json"
+
+    def load(self, stage: str) -> tuple[bool, Any]:
+        """(True, result) when `stage` finished under this key and its files are intact, else (False, None)."""
+        try:
+            record = json.loads(self._record_path(stage).read_text(encoding="utf-8"))
+            if record["key"] != self.key:
+                return False, None
+            for name, checksum in record["files"].items():
+                if _checksum(self.folder / name) != checksum:
+                    log.warning("checkpoint %s of stage %s is damaged; running the stage again", name, stage)
+                    return False, None
+            kind = record["kind"]
+            path = self.folder / next(iter(record["files"]))
+            if kind == "table":
+                return True, pq.read_table(path)
+            if kind == "table+counts":
+                return True, (pq.read_table(path), record["counts"])
+            return True, _load_embeddings(path)
+        except (OSError, ValueError, KeyError, TypeError, StopIteration):
+            return False, None
+
+    def save(self, stage: str, result: Any) -> None:
+        """Keep `result` if it is a kind the store knows; the record goes last, after the data is in place."""
+        counts = None
+        if isinstance(result, pa.Table):
+            kind, path = "table", self.folder / f"{stage}.parquet"
+            write_parquet_atomic(result, path, scratch=self.folder)
+        elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], pa.Table):
+            kind, path, counts = "table+counts", self.folder / f"{stage}.parquet", result[1]
+            write_parquet_atomic(result[0], path, scratch=self.folder)
+        elif isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, Embeddings) for r in result):
+            kind, path = "embeddings", self.folder / f"{stage}.npz"
+            _save_embeddings(result, path, self.folder)
+        else:
+            return
+        record = {"stage": stage, "key": self.key, "kind": kind, "files": {path.name: _checksum(path)}}
+        if counts is not None:
+            record["counts"] = counts
+        write_json_atomic(record, self._record_path(stage), scratch=self.folder)
+
+    def finish(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def resumable(
+    run: Callable[..., Any], store: StageStore, resumed: list[str], skip: frozenset[str] = frozenset()
+) -> Callable[..., Any]:
+    """Wrap a stage runner: a stage finished before is loaded, not run; a stage that finishes is kept.
+
+    Stages in `skip` always run (cheap ones, or those with their own checkpoint such as the final export).
+    """
+
+    def run_resumably(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if name not in skip:
+            found, result = store.load(name)
+            if found:
+                resumed.append(name)
+                log.info("stage %s: finished by an earlier, interrupted run; resumed from its checkpoint", name)
+                return result
+        result = run(name, function, *args, **kwargs)
+        if name not in skip:
+            store.save(name, result)
+        return result
+
+    return run_resumably
