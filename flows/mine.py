@@ -11,6 +11,8 @@ from prefect.cache_policies import NO_CACHE
 
 from miner import export
 from miner.config import MineConfig
+from miner.errors import disk_full_as_input_error
+from miner.guards import check_resources
 from miner.ingest import Ingested, ingest
 from miner.lock import output_lock
 from miner.manifest import build_manifest, check_output_writable
@@ -25,7 +27,9 @@ def prefect_stages(timings: dict[str, float]) -> Callable[..., Any]:
     def run(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if name not in tasks:
             # Tables and models stay in this process: no input hashing, no result persistence.
-            tasks[name] = task(function, name=name, cache_policy=NO_CACHE, persist_result=False)
+            tasks[name] = task(
+                disk_full_as_input_error(function), name=name, cache_policy=NO_CACHE, persist_result=False
+            )
         started = time.perf_counter()
         result = tasks[name](*args, **kwargs)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
@@ -102,6 +106,7 @@ def mine_flow(config: MineConfig) -> dict[str, Any]:
     with output_lock(config.out):
         data = task_run("ingest", ingest_from_config, config)
         log.info("ingested %s", data.counts)
+        task_run("guard", check_resources, data, config)
         store = StageStore(config.out, run_key(config, data.input_hashes))
         resumed: list[str] = []
         run = resumable(task_run, store, resumed, skip=frozenset({"export"}))

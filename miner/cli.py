@@ -17,7 +17,7 @@ from miner.config import CLI_KEYS, load_config, parse_setting
 
 if TYPE_CHECKING:
     from miner.cache import EmbeddingCache
-from miner.errors import InputError
+from miner.errors import InputError, disk_full
 
 P = ParamSpec("P")
 
@@ -38,6 +38,12 @@ def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
             command(*args, **kwargs)
         except InputError as error:
             typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as error:
+            full = disk_full(error)
+            if full is None:
+                raise
+            typer.echo(f"error: {full}", err=True)
             raise typer.Exit(2) from None
 
     return run

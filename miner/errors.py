@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 
 class InputError(Exception):
@@ -13,8 +17,9 @@ class InputError(Exception):
 
     def __init__(self, where: str | Path, problem: str, fix: str, line: int | None = None, row: int | None = None):
         self.where = str(where)
-        self.problem = problem
-        self.fix = fix
+        # One line, whatever a library put in the text it is built from (pyarrow's messages span lines).
+        self.problem = " ".join(problem.split())
+        self.fix = " ".join(fix.split())
         self.line = line
         self.row = row
         super().__init__(str(self))
@@ -26,3 +31,39 @@ class InputError(Exception):
         elif self.row is not None:
             location += f": row {self.row}"
         return f"{location}: {self.problem}; {self.fix}"
+
+
+# "No space left on device", "File too large" (a size limit), "Disk quota exceeded".
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def disk_full(error: BaseException) -> InputError | None:
+    """The one-line form of a write that ran out of room, or None for any other error."""
+    if not isinstance(error, OSError) or error.errno not in _DISK_FULL:
+        return None
+    return InputError(
+        error.filename or "disk",
+        f"ran out of room while writing ({error.strerror})",
+        "free space there (`miner cache clear` frees the embedding cache) or choose another --out / --cache-dir, "
+        "then run the same command again: finished stages are kept",
+    )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def disk_full_as_input_error(function: Callable[P, R]) -> Callable[P, R]:
+    """Let a full disk reach the user as an InputError wherever `function` writes."""
+
+    @functools.wraps(function)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        except OSError as error:
+            converted = disk_full(error)
+            if converted is None:
+                raise
+            raise converted from None
+
+    return run

@@ -211,7 +211,12 @@ def _ingested(
         corpus=schema.conform(corpus, schema.CORPUS),
         queries=schema.conform(with_positive, schema.QUERIES),
         qrels=schema.conform(positives, schema.QRELS),
-        counts={**counts, "queries_with_positives": with_positive.height, "positives": positives.height},
+        counts={
+            **counts,
+            "queries_with_positives": with_positive.height,
+            "queries_without_positive_skipped": queries.height - with_positive.height,
+            "positives": positives.height,
+        },
         input_hashes={str(path): file_sha256(path) for path in files},
     )
 

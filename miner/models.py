@@ -133,6 +133,7 @@ class Embeddings:
     ids: pa.Array | pa.ChunkedArray
     vectors: np.ndarray
     encoded: int = 0
+    truncated: int = 0  # texts longer than the model's input limit: embedded from their beginning only
 
 
 def embed_table(
@@ -168,4 +169,23 @@ def embed_table(
             vectors[rows_of[text_hash]] = vector
         if cache is not None:
             cache.store(model_key, kind, chunk, fresh)
-    return Embeddings(table.column(id_column), vectors, encoded=len(missing))
+    return Embeddings(
+        table.column(id_column), vectors, encoded=len(missing), truncated=count_over_length(model, table["text"])
+    )
+
+
+def count_over_length(model: SentenceTransformer, texts: pa.ChunkedArray, chunk: int = 4096) -> int:
+    """How many texts exceed the model's input length (the model silently keeps only their beginning)."""
+    limit = model.max_seq_length
+    over = 0
+    for start in range(0, len(texts), chunk):
+        lengths = model.tokenizer(
+            texts.slice(start, chunk).to_pylist(),
+            truncation=False,
+            return_length=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["length"]
+        over += sum(length > limit for length in lengths)
+    return int(over)

@@ -172,6 +172,7 @@ def _embedding_counts(embeddings: tuple[Embeddings, Embeddings] | None) -> dict[
     for kind, table in zip(("queries", "documents"), embeddings, strict=True):
         counts[f"{kind}_encoded"] = table.encoded
         counts[f"{kind}_from_cache_or_duplicates"] = len(table.ids) - table.encoded
+        counts[f"{kind}_truncated"] = table.truncated
     return counts
 
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from miner.config import MineConfig
+from miner.errors import disk_full_as_input_error
 from miner.export import write_json_atomic, write_parquet_atomic
 from miner.models import Embeddings
 
@@ -69,6 +70,7 @@ def _save_embeddings(embeddings: tuple[Embeddings, Embeddings], path: Path, scra
                 doc_ids=np.asarray(documents.ids.to_pylist(), dtype=str),
                 doc_vectors=documents.vectors,
                 encoded=np.asarray([queries.encoded, documents.encoded]),
+                truncated=np.asarray([queries.truncated, documents.truncated]),
             )
         os.replace(temporary, path)
     finally:
@@ -77,10 +79,14 @@ def _save_embeddings(embeddings: tuple[Embeddings, Embeddings], path: Path, scra
 
 def _load_embeddings(path: Path) -> tuple[Embeddings, Embeddings]:
     with np.load(path, allow_pickle=False) as stored:
-        encoded = stored["encoded"].tolist()
+        encoded, truncated = stored["encoded"].tolist(), stored["truncated"].tolist()
         return (
-            Embeddings(pa.array(stored["query_ids"].tolist(), pa.string()), stored["query_vectors"], encoded[0]),
-            Embeddings(pa.array(stored["doc_ids"].tolist(), pa.string()), stored["doc_vectors"], encoded[1]),
+            Embeddings(
+                pa.array(stored["query_ids"].tolist(), pa.string()), stored["query_vectors"], encoded[0], truncated[0]
+            ),
+            Embeddings(
+                pa.array(stored["doc_ids"].tolist(), pa.string()), stored["doc_vectors"], encoded[1], truncated[1]
+            ),
         )
 
 
@@ -169,7 +175,7 @@ def resumable(
                 return result
         result = run(name, function, *args, **kwargs)
         if name not in skip:
-            store.save(name, result)
+            disk_full_as_input_error(store.save)(name, result)
         return result
 
     return run_resumably

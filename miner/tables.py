@@ -106,11 +106,21 @@ def _read_jsonl(source: Source, columns: list[str]) -> pa.Table:
     try:
         table = pajson.read_json(source.path)
         table.validate(full=True)  # the JSON reader lets invalid UTF-8 through; this catches it
-        return table
-    except pa.ArrowInvalid:
+        # It also reads an object spread over several lines; JSONL is one object per line, and the lines
+        # are what errors point at, so such a file goes to the line-by-line scan, which names the line.
+        table.schema.names  # noqa: B018 -- and invalid UTF-8 in a key only shows when the names are decoded
+        if table.num_rows == _nonblank_lines(source.path):
+            return table
+        return _scan_jsonl(source, columns)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
         # pyarrow reports block-relative rows and refuses mixed types (ids that are sometimes numbers);
         # scanning the file ourselves finds the exact line or reads what pyarrow would not.
         return _scan_jsonl(source, columns)
+
+
+def _nonblank_lines(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(1 for raw in handle if raw.strip())
 
 
 def _scan_jsonl(source: Source, columns: list[str]) -> pa.Table:
