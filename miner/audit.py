@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from miner import schema
-from miner.config import MineConfig
+from miner.config import SPEED_ONLY_MODEL_SETTINGS, MineConfig
 from miner.errors import InputError
 from miner.export import write_json_atomic, write_parquet_atomic
 from miner.ingest import Ingested
@@ -91,7 +91,7 @@ def _upstream_key(config: MineConfig) -> str:
     return json.dumps(
         {
             "retrieval": config.retrieval.model_dump(),
-            "models": config.models.model_dump(exclude={"batch_size", "teacher_batch_size"}),
+            "models": config.models.model_dump(exclude=set(SPEED_ONLY_MODEL_SETTINGS)),
             "geometry": config.filter.needs_geometry,
         },
         sort_keys=True,

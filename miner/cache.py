@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from miner.export import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,8 @@ class EmbeddingCache:
         folder.mkdir(parents=True, exist_ok=True)
         stored_hashes = np.asarray(hashes, dtype=str)
         checksum = _checksum(stored_hashes, vectors)
-        descriptor, name = tempfile.mkstemp(prefix=".shard-", suffix=".npz.tmp", dir=folder)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                np.savez(handle, hashes=stored_hashes, vectors=vectors.astype(np.float32), checksum=checksum)
-            os.replace(name, folder / f"shard-{checksum}.npz")
-        finally:
-            Path(name).unlink(missing_ok=True)
+        with atomic_write(folder / f"shard-{checksum}.npz") as temporary, temporary.open("wb") as handle:
+            np.savez(handle, hashes=stored_hashes, vectors=vectors.astype(np.float32), checksum=checksum)
 
     def summary(self) -> list[tuple[str, int, int, int]]:
         """(model-kind folder, shards, vectors, bytes) per folder."""

@@ -17,7 +17,7 @@ from miner.config import CLI_KEYS, load_config, parse_setting
 
 if TYPE_CHECKING:
     from miner.cache import EmbeddingCache
-from miner.errors import InputError, disk_full
+from miner.errors import InputError, disk_full_as_input_error
 
 P = ParamSpec("P")
 
@@ -35,15 +35,9 @@ def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
         try:
-            command(*args, **kwargs)
+            disk_full_as_input_error(command)(*args, **kwargs)
         except InputError as error:
             typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(2) from None
-        except OSError as error:
-            full = disk_full(error)
-            if full is None:
-                raise
-            typer.echo(f"error: {full}", err=True)
             raise typer.Exit(2) from None
 
     return run

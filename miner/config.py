@@ -31,6 +31,10 @@ class RetrievalConfig(_Section):
     rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
 
 
+# Model settings that change speed and memory, never which rows a run produces.
+SPEED_ONLY_MODEL_SETTINGS = frozenset({"batch_size", "teacher_batch_size"})
+
+
 class ModelConfig(_Section):
     # A bundled name, a local path, or a hub id (the last only with a network).
     embedding_model: str = "all-MiniLM-L6-v2"

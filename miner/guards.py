@@ -20,7 +20,9 @@ import pyarrow.compute as pc
 from miner.config import MineConfig
 from miner.errors import InputError
 from miner.ingest import Ingested
+from miner.manifest import nearest_existing
 from miner.models import ModelRef, resolve_model
+from miner.resume import work_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +68,13 @@ def disk_needs(data: Ingested, config: MineConfig) -> list[Need]:
     # Parquet stores each distinct text once per row group (dictionary encoding), so the three files hold
     # at most the corpus and the queries each, plus ids and scores per row.
     outputs = OUTPUT_FILES * (corpus_text + query_text) + rows * CANDIDATE_ROW_BYTES
-    work = config.out.parent / f".{config.out.name}.miner-work"
     needs = [
         Need("outputs", config.out, int(outputs)),
-        Need("stage checkpoints", work, int(candidate_tables + vectors)),
+        Need("stage checkpoints", work_dir(config.out), int(candidate_tables + vectors)),
         Need("embedding cache", config.cache_dir, int(vectors) if config.cache else 0),
         Need("BM25 index", Path(tempfile.gettempdir()), int(corpus_text * LUCENE_BYTES_PER_TEXT_BYTE) * retrieval.bm25),
     ]
     return [need for need in needs if need.bytes > 0]
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
 
 
 def human(size: float) -> str:
@@ -94,10 +89,10 @@ def check_disk(needs: list[Need]) -> None:
     """Refuse when a filesystem has less free room than what the run will write to it."""
     by_device: dict[int, list[Need]] = {}
     for need in needs:
-        by_device.setdefault(os.stat(_existing(need.folder)).st_dev, []).append(need)
+        by_device.setdefault(os.stat(nearest_existing(need.folder)).st_dev, []).append(need)
     for group in by_device.values():
         needed = int(sum(need.bytes for need in group) * SAFETY)
-        folder = _existing(group[0].folder)
+        folder = nearest_existing(group[0].folder)
         free = shutil.disk_usage(folder).free
         if needed > free:
             parts = ", ".join(f"{need.what} {human(need.bytes)}" for need in group)

@@ -67,13 +67,16 @@ def build_manifest(
     }
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its closest existing parent."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def check_output_writable(out: Path) -> None:
     """Refuse an output path we could not write, before any work and without creating anything in it."""
-    existing = out
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
+    existing = nearest_existing(out)
     if existing.exists() and not existing.is_dir():
         raise InputError(existing, "is a file, not a folder", "choose another --out")
     try:

@@ -216,7 +216,7 @@ def no_negatives_error(counts: dict[str, int], pool_size: int) -> InputError:
             "the retrievers returned no candidate for any query",
             "check that queries and documents share a language and that the corpus is not empty",
         )
-    removed = {rule: n for rule, n in counts.items() if rule != "kept" and rule != "positive" and n}
+    removed = {rule: n for rule, n in counts.items() if rule not in ("kept", "positive") and n}
     worst = max(removed, key=lambda rule: removed[rule]) if removed else "positive"
     return InputError(
         "settings",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,17 +24,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miner.config import MineConfig
+from miner.config import SPEED_ONLY_MODEL_SETTINGS, MineConfig
 from miner.errors import disk_full_as_input_error
-from miner.export import write_json_atomic, write_parquet_atomic
+from miner.export import atomic_write, write_json_atomic, write_parquet_atomic
 from miner.models import Embeddings
+from miner.tables import file_sha256
 
 log = logging.getLogger(__name__)
 
 KEY_FILE = "run-key.json"
 # Settings that change only speed or what is shown, never rows: a re-run that differs only in these resumes.
 RUNTIME_ONLY = {"out", "show_progress", "threads", "cache", "cache_dir"}
-RUNTIME_ONLY_MODELS = {"batch_size", "teacher_batch_size"}
 
 
 def work_dir(out: Path) -> Path:
@@ -44,37 +43,24 @@ def work_dir(out: Path) -> Path:
 
 def run_key(config: MineConfig, input_hashes: dict[str, str]) -> str:
     settings = config.model_dump(mode="json", exclude=RUNTIME_ONLY)
-    for key in RUNTIME_ONLY_MODELS:
+    for key in SPEED_ONLY_MODEL_SETTINGS:
         settings["models"].pop(key, None)
     document = json.dumps({"inputs": input_hashes, "settings": settings}, sort_keys=True)
     return hashlib.blake2b(document.encode(), digest_size=16).hexdigest()
 
 
-def _checksum(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _save_embeddings(embeddings: tuple[Embeddings, Embeddings], path: Path, scratch: Path) -> None:
     queries, documents = embeddings
-    temporary = scratch / f".{path.name}.tmp"
-    try:
-        with temporary.open("wb") as handle:
-            np.savez(
-                handle,
-                query_ids=np.asarray(queries.ids.to_pylist(), dtype=str),
-                query_vectors=queries.vectors,
-                doc_ids=np.asarray(documents.ids.to_pylist(), dtype=str),
-                doc_vectors=documents.vectors,
-                encoded=np.asarray([queries.encoded, documents.encoded]),
-                truncated=np.asarray([queries.truncated, documents.truncated]),
-            )
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_write(path, scratch) as temporary, temporary.open("wb") as handle:
+        np.savez(
+            handle,
+            query_ids=np.asarray(queries.ids.to_pylist(), dtype=str),
+            query_vectors=queries.vectors,
+            doc_ids=np.asarray(documents.ids.to_pylist(), dtype=str),
+            doc_vectors=documents.vectors,
+            encoded=np.asarray([queries.encoded, documents.encoded]),
+            truncated=np.asarray([queries.truncated, documents.truncated]),
+        )
 
 
 def _load_embeddings(path: Path) -> tuple[Embeddings, Embeddings]:
@@ -122,7 +108,7 @@ class StageStore:
             if record["key"] != self.key:
                 return False, None
             for name, checksum in record["files"].items():
-                if _checksum(self.folder / name) != checksum:
+                if file_sha256(self.folder / name) != checksum:
                     log.warning("checkpoint %s of stage %s is damaged; running the stage again", name, stage)
                     return False, None
             kind = record["kind"]
@@ -135,6 +121,7 @@ class StageStore:
         except (OSError, ValueError, KeyError, TypeError, StopIteration):
             return False, None
 
+    @disk_full_as_input_error
     def save(self, stage: str, result: Any) -> None:
         """Keep `result` if it is a kind the store knows; the record goes last, after the data is in place."""
         counts = None
@@ -149,7 +136,7 @@ class StageStore:
             _save_embeddings(result, path, self.folder)
         else:
             return
-        record = {"stage": stage, "key": self.key, "kind": kind, "files": {path.name: _checksum(path)}}
+        record = {"stage": stage, "key": self.key, "kind": kind, "files": {path.name: file_sha256(path)}}
         if counts is not None:
             record["counts"] = counts
         write_json_atomic(record, self._record_path(stage), scratch=self.folder)
@@ -175,7 +162,7 @@ def resumable(
                 return result
         result = run(name, function, *args, **kwargs)
         if name not in skip:
-            disk_full_as_input_error(store.save)(name, result)
+            store.save(name, result)
         return result
 
     return run_resumably
