@@ -1,97 +1,282 @@
-"""Content-addressed cache of embeddings: (model fingerprint, query|document) -> text hash -> vector.
+"""Content-addressed caches: nothing expensive is computed twice.
 
-A re-run with other filter or sampling settings, or over a corpus with a few new documents, encodes only
-texts it has not seen with that model. Entries are shards written to a temporary name and renamed, so
-concurrent runs never read a half-written shard; each shard carries a checksum, and a shard that fails
-it is discarded with a warning and its texts are encoded again.
+- embeddings: (model fingerprint, query|document) -> text hash -> vector, plus whether the model had to
+  truncate the text;
+- teacher scores: (teacher fingerprint) -> (query text hash, passage text hash) -> score;
+- BM25 indexes: (analyser settings, Anserini version) -> the set of (doc id, text hash) indexed.
+
+A re-run with other filter or sampling settings computes none of them again; a corpus with a few new
+documents encodes, scores and indexes only those. Every entry is written under a temporary name and renamed,
+so concurrent runs never read a half-written entry, and carries a checksum: an entry that fails it is
+discarded with a warning and computed again, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from miner.export import atomic_write
+from miner.tables import file_sha256
 
 log = logging.getLogger(__name__)
+
+KINDS = ("embeddings", "teacher", "bm25")
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MINER_CACHE_DIR", Path.home() / ".cache" / "hardneg-miner"))
 
 
-def _checksum(hashes: np.ndarray, vectors: np.ndarray) -> str:
+def _checksum(*arrays: np.ndarray) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    digest.update("\n".join(hashes.tolist()).encode())
-    digest.update(np.ascontiguousarray(vectors).tobytes())
+    for array in arrays:
+        if array.dtype.kind == "U":
+            digest.update("\n".join(array.tolist()).encode())
+        else:
+            digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+class _ShardStore:
+    """npz shards of aligned arrays in one folder, each named by and checked against its checksum."""
+
+    def __init__(self, folder: Path, fields: tuple[str, ...]) -> None:
+        self.folder = folder
+        self.fields = fields
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob("shard-*.npz")) if self.folder.is_dir() else []
+
+    def read(self) -> list[dict[str, np.ndarray]]:
+        """Every intact shard; damaged ones are removed with a warning."""
+        intact = []
+        for shard in self.shards():
+            try:
+                with np.load(shard, allow_pickle=False) as stored:
+                    arrays = {name: stored[name] for name in self.fields}
+                    valid = str(stored["checksum"]) == _checksum(*arrays.values())
+            except (OSError, ValueError, KeyError, EOFError) as error:
+                valid, arrays = False, {}
+                log.debug("cache shard %s is unreadable: %s", shard, error)
+            if not valid:
+                log.warning("cache shard %s failed its checksum; discarding it and computing again", shard)
+                shard.unlink(missing_ok=True)
+                continue
+            intact.append(arrays)
+        return intact
+
+    def write(self, **arrays: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        checksum = _checksum(*(arrays[name] for name in self.fields))
+        with atomic_write(self.folder / f"shard-{checksum}.npz") as temporary, temporary.open("wb") as handle:
+            np.savez(handle, checksum=checksum, **{name: arrays[name] for name in self.fields})
+
+    def size(self) -> tuple[int, int, int]:
+        """(shards, rows, bytes)."""
+        shards = self.shards()
+        rows = 0
+        for shard in shards:
+            with np.load(shard, allow_pickle=False) as stored:
+                rows += len(stored[self.fields[0]])
+        return len(shards), rows, sum(s.stat().st_size for s in shards)
 
 
 class EmbeddingCache:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _folder(self, model: str, kind: str) -> Path:
-        return self.root / "embeddings" / f"{model}-{kind}"
+    def _store(self, model: str, kind: str) -> _ShardStore:
+        return _ShardStore(self.root / "embeddings" / f"{model}-{kind}", ("hashes", "vectors", "truncated"))
 
-    def _shards(self, folder: Path) -> list[Path]:
-        return sorted(folder.glob("shard-*.npz")) if folder.is_dir() else []
+    def lookup(self, model: str, kind: str, hashes: list[str]) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """(vectors, found, truncated) for `hashes`; vectors is None when nothing of this model is cached.
 
-    def lookup(self, model: str, kind: str, hashes: list[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors for `hashes` (rows of zeros where absent) and a mask of the ones found."""
-        wanted: dict[str, list[int]] = {}
+        Rows not found are zeros and not truncated.
+        """
+        rows_of: dict[str, list[int]] = {}
         for row, text_hash in enumerate(hashes):
-            wanted.setdefault(text_hash, []).append(row)
-        vectors = np.zeros((len(hashes), dim), dtype=np.float32)
+            rows_of.setdefault(text_hash, []).append(row)
+        vectors: np.ndarray | None = None
         found = np.zeros(len(hashes), dtype=bool)
-        for shard in self._shards(self._folder(model, kind)):
-            try:
-                with np.load(shard, allow_pickle=False) as stored:
-                    shard_hashes, shard_vectors = stored["hashes"], stored["vectors"]
-                    valid = str(stored["checksum"]) == _checksum(shard_hashes, shard_vectors)
-            except (OSError, ValueError, KeyError, EOFError) as error:
-                valid, shard_hashes, shard_vectors = False, None, None
-                log.warning("cache shard %s is unreadable (%s); discarding it", shard, error)
-            if not valid or shard_vectors is None or shard_vectors.shape[1:] != (dim,):
-                log.warning("cache shard %s failed its checksum; discarding it and encoding again", shard)
-                shard.unlink(missing_ok=True)
+        truncated = np.zeros(len(hashes), dtype=bool)
+        for shard in self._store(model, kind).read():
+            if vectors is None:
+                vectors = np.zeros((len(hashes), shard["vectors"].shape[1]), dtype=np.float32)
+            if shard["vectors"].shape[1] != vectors.shape[1]:
                 continue
-            for row, text_hash in enumerate(shard_hashes.tolist()):
-                for index in wanted.get(text_hash, ()):
-                    if not found[index]:
-                        vectors[index] = shard_vectors[row]
-                        found[index] = True
-        return vectors, found
+            for row, text_hash in enumerate(shard["hashes"].tolist()):
+                rows = rows_of.pop(text_hash, None)
+                if rows is not None:
+                    vectors[rows] = shard["vectors"][row]
+                    found[rows] = True
+                    truncated[rows] = shard["truncated"][row]
+        return vectors, found, truncated
 
-    def store(self, model: str, kind: str, hashes: list[str], vectors: np.ndarray) -> None:
-        if not hashes:
-            return
-        folder = self._folder(model, kind)
-        folder.mkdir(parents=True, exist_ok=True)
-        stored_hashes = np.asarray(hashes, dtype=str)
-        checksum = _checksum(stored_hashes, vectors)
-        with atomic_write(folder / f"shard-{checksum}.npz") as temporary, temporary.open("wb") as handle:
-            np.savez(handle, hashes=stored_hashes, vectors=vectors.astype(np.float32), checksum=checksum)
+    def store(self, model: str, kind: str, hashes: list[str], vectors: np.ndarray, truncated: np.ndarray) -> None:
+        if hashes:
+            self._store(model, kind).write(
+                hashes=np.asarray(hashes, dtype=str),
+                vectors=vectors.astype(np.float32),
+                truncated=np.asarray(truncated, dtype=bool),
+            )
 
-    def summary(self) -> list[tuple[str, int, int, int]]:
-        """(model-kind folder, shards, vectors, bytes) per folder."""
-        rows = []
-        folder_root = self.root / "embeddings"
-        for folder in sorted(p for p in folder_root.iterdir() if p.is_dir()) if folder_root.is_dir() else []:
-            shards = self._shards(folder)
-            vectors = 0
-            for shard in shards:
-                with np.load(shard, allow_pickle=False) as stored:
-                    vectors += len(stored["hashes"])
-            rows.append((folder.name, len(shards), vectors, sum(s.stat().st_size for s in shards)))
-        return rows
 
-    def clear(self) -> None:
-        """Remove the cached embeddings (only what this cache wrote: the `embeddings` folder)."""
-        import shutil
+class TeacherScoreCache:
+    """Cross-encoder scores by (teacher fingerprint, query text hash, passage text hash)."""
 
-        shutil.rmtree(self.root / "embeddings", ignore_errors=True)
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _store(self, model: str) -> _ShardStore:
+        return _ShardStore(self.root / "teacher" / model, ("query_hashes", "passage_hashes", "scores"))
+
+    def lookup(self, model: str, pairs: pl.DataFrame) -> pl.DataFrame:
+        """`pairs` (query_hash, passage_hash) -> the same rows with `teacher_score`, null where not cached."""
+        shards = self._store(model).read()
+        if not shards:
+            return pairs.with_columns(teacher_score=pl.lit(None, pl.Float32))
+        cached = pl.concat(
+            pl.DataFrame(
+                {
+                    "query_hash": shard["query_hashes"],
+                    "passage_hash": shard["passage_hashes"],
+                    "teacher_score": shard["scores"].astype(np.float32),
+                }
+            )
+            for shard in shards
+        ).unique(["query_hash", "passage_hash"], keep="first")
+        return pairs.join(cached, on=["query_hash", "passage_hash"], how="left", maintain_order="left")
+
+    def store(self, model: str, scored: pl.DataFrame) -> None:
+        if scored.height:
+            self._store(model).write(
+                query_hashes=scored["query_hash"].to_numpy().astype(str),
+                passage_hashes=scored["passage_hash"].to_numpy().astype(str),
+                scores=scored["teacher_score"].to_numpy().astype(np.float32),
+            )
+
+
+DOCS_FILE = "docs.parquet"  # the (doc_id, text_hash) rows an index holds
+CHECKSUMS_FILE = "checksums.json"  # per index file; written last, so an entry without it is unfinished
+
+
+class Bm25IndexCache:
+    """Lucene indexes by (analyser settings, Anserini version, corpus); an index grows by the new documents.
+
+    An entry is a folder named by the hash of its settings and documents. For a corpus that adds documents to
+    a cached one, the cached index is copied (hard links: Lucene never rewrites a segment file) and only the
+    new documents are added to the copy.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "bm25"
+
+    def key(self, settings: str, docs: pa.Table) -> str:
+        digest = hashlib.blake2b(settings.encode(), digest_size=16)
+        frame = pl.from_arrow(docs.select(["doc_id", "text_hash"])).sort("doc_id")
+        for column in ("doc_id", "text_hash"):
+            digest.update("\n".join(frame[column].to_list()).encode())
+        return f"{hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()}-{digest.hexdigest()}"
+
+    def find(self, key: str) -> Path | None:
+        entry = self.root / key
+        if not (entry / CHECKSUMS_FILE).is_file():
+            return None
+        if not self._intact(entry):
+            log.warning("cached BM25 index %s failed its checksum; discarding it and indexing again", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        return entry
+
+    def _intact(self, entry: Path) -> bool:
+        try:
+            checksums = json.loads((entry / CHECKSUMS_FILE).read_text(encoding="utf-8"))
+            present = {p.name for p in entry.iterdir() if p.name != CHECKSUMS_FILE}
+            return present == set(checksums) and all(file_sha256(entry / n) == c for n, c in checksums.items())
+        except (OSError, ValueError, TypeError, AttributeError):
+            return False
+
+    def base_for(self, key: str, docs: pa.Table) -> tuple[Path, pa.Table] | None:
+        """The largest cached index (same settings) whose documents are all in `docs`, and the ones it lacks."""
+        prefix = key.split("-")[0]
+        wanted = pl.from_arrow(docs.select(["doc_id", "text_hash"]))
+        best: tuple[int, Path, pl.DataFrame] | None = None
+        for entry in self.root.glob(f"{prefix}-*") if self.root.is_dir() else []:
+            try:
+                held = pl.read_parquet(entry / DOCS_FILE)
+            except (OSError, pl.exceptions.ComputeError):
+                continue
+            if held.height == 0 or not (entry / CHECKSUMS_FILE).is_file():
+                continue
+            # Every held (id, text) must still be in the corpus with the same text; else start afresh.
+            if held.join(wanted, on=["doc_id", "text_hash"], how="anti").height:
+                continue
+            if best is None or held.height > best[0]:
+                best = (held.height, entry, held)
+        if best is None or not self._intact(best[1]):
+            return None
+        new = wanted.join(best[2], on=["doc_id", "text_hash"], how="anti")
+        return best[1], new.to_arrow()
+
+    def scratch(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".building-", dir=self.root))
+
+    @staticmethod
+    def copy_into(base: Path, scratch: Path) -> None:
+        for file in base.iterdir():
+            if file.name in (DOCS_FILE, CHECKSUMS_FILE):
+                continue
+            try:
+                os.link(file, scratch / file.name)
+            except OSError:
+                shutil.copy2(file, scratch / file.name)
+
+    def publish(self, scratch: Path, key: str, docs: pa.Table) -> Path:
+        """Seal a built index in `scratch` and move it to its key; a concurrent run's equal entry wins."""
+        pq.write_table(docs.select(["doc_id", "text_hash"]), scratch / DOCS_FILE)
+        checksums = {p.name: file_sha256(p) for p in sorted(scratch.iterdir())}
+        (scratch / CHECKSUMS_FILE).write_text(json.dumps(checksums), encoding="utf-8")
+        entry = self.root / key
+        try:
+            os.rename(scratch, entry)
+        except OSError:  # another run published the same index first
+            shutil.rmtree(scratch, ignore_errors=True)
+        return entry
+
+
+def summary(root: Path) -> list[tuple[str, int, int, int]]:
+    """(entry, files, rows, bytes) for every cache entry under `root`."""
+    rows = []
+    embeddings, teacher, bm25 = (root / kind for kind in KINDS)
+    for folder in sorted(p for p in embeddings.iterdir() if p.is_dir()) if embeddings.is_dir() else []:
+        rows.append((f"embeddings/{folder.name}", *_ShardStore(folder, ("hashes",)).size()))
+    for folder in sorted(p for p in teacher.iterdir() if p.is_dir()) if teacher.is_dir() else []:
+        rows.append((f"teacher/{folder.name}", *_ShardStore(folder, ("scores",)).size()))
+    for entry in (
+        sorted(p for p in bm25.iterdir() if p.is_dir() and not p.name.startswith(".")) if bm25.is_dir() else []
+    ):
+        try:
+            documents = pq.read_metadata(entry / DOCS_FILE).num_rows
+        except OSError:
+            documents = 0
+        files = list(entry.iterdir())
+        rows.append((f"bm25/{entry.name}", len(files), documents, sum(f.stat().st_size for f in files)))
+    return rows
+
+
+def clear(root: Path) -> None:
+    """Remove what the caches wrote under `root`, and nothing else there."""
+    for kind in KINDS:
+        shutil.rmtree(root / kind, ignore_errors=True)

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from miner import schema
+from miner.export import atomic_write, write_json_atomic
 from miner.java import start_jvm
+from miner.tables import file_sha256
+
+log = logging.getLogger(__name__)
 
 QUERY_BATCH = 4096
 
@@ -33,18 +43,74 @@ def ranked(frame: pl.DataFrame) -> pa.Table:
 # --- BM25 -------------------------------------------------------------------------------------------
 
 
-def build_bm25_index(corpus: pa.Table, index_dir: Path, *, threads: int, batch_size: int = 10_000) -> None:
-    """Index CORPUS rows into a Lucene index at `index_dir` (Anserini's default English analyser)."""
-    start_jvm()
-    from pyserini.index.lucene import LuceneIndexer
+def bm25_index_settings() -> str:
+    """What decides the index's content besides the documents: a cached index is reused only if it matches."""
+    from miner.java import anserini_jar
 
-    indexer = LuceneIndexer(str(index_dir), threads=threads)
+    return f"analyzer=anserini-default-english;fields=id,contents;jar={anserini_jar().name}"
+
+
+# A table, or tables / record batches one after another (Parquet shards read batch by batch, say).
+CorpusBatches = pa.Table | Iterable[pa.Table | pa.RecordBatch]
+# Anserini's SimpleIndexer keeps up to 2 GB of postings in memory before it writes a segment: more than the
+# JVM's heap (miner.java.DEFAULT_HEAP). Committing after this much text bounds that buffer (about 300 MB of
+# heap per 512 MB of English text), so indexing memory does not grow with the corpus.
+COMMIT_TEXT_BYTES = 512 * 2**20
+
+
+def build_bm25_index(
+    corpus: CorpusBatches,
+    index_dir: Path,
+    *,
+    threads: int,
+    batch_size: int = 10_000,
+    append: bool = False,
+    commit_bytes: int = COMMIT_TEXT_BYTES,
+) -> int:
+    """Index (doc_id, text) rows into a Lucene index at `index_dir` (Anserini's default English analyser).
+
+    Only one batch of `batch_size` texts is held in Python at a time. With `append`, the rows are added to the
+    index already there. Returns the number of documents Lucene indexed.
+    """
+    start_jvm()
+    from jnius import autoclass  # after start_jvm: importing jnius starts the JVM
+
+    # Anserini's Java classes directly: pyserini's Python wrappers import torch and transformers (seconds of
+    # start-up) for encoders BM25 never uses.
+    simple_indexer = autoclass("io.anserini.index.SimpleIndexer")
+    indexer = simple_indexer(str(index_dir), append, int(threads))
+    given = indexed = uncommitted = 0
     try:
-        for batch in _batches(corpus.select(["doc_id", "text"]), batch_size):
-            ids, texts = batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()
-            indexer.add_batch_dict([{"id": i, "contents": t} for i, t in zip(ids, texts, strict=True)])
+        for batch in _record_batches(corpus, batch_size):
+            # JSON lines, parsed on Lucene's indexing threads: one call into Java per batch, not one per document.
+            indexed += indexer.addRawDocuments(_json_documents(batch))
+            given += batch.num_rows
+            uncommitted += batch.column("text").nbytes
+            if uncommitted >= commit_bytes:
+                indexer.close()
+                indexer = None  # not closed twice should reopening fail
+                indexer = simple_indexer(str(index_dir), True, int(threads))
+                uncommitted = 0
     finally:
-        indexer.close()
+        if indexer is not None:
+            indexer.close()
+    if indexed < given:
+        log.warning("Lucene left out %d of %d documents (empty after trimming)", given - indexed, given)
+    return indexed
+
+
+def _record_batches(corpus: CorpusBatches, size: int) -> Iterator[pa.RecordBatch]:
+    for piece in [corpus] if isinstance(corpus, pa.Table) else corpus:
+        table = piece if isinstance(piece, pa.Table) else pa.Table.from_batches([piece])
+        yield from table.select(["doc_id", "text"]).to_batches(max_chunksize=size)
+
+
+def _json_documents(batch: pa.RecordBatch) -> list[str]:
+    """Rows as Anserini's JSON documents ({"id", "contents"}), encoded by polars rather than row by row."""
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    document = pl.struct(id=pl.col("doc_id").cast(pl.String), contents=pl.col("text"))
+    return frame.select(document.struct.json_encode()).to_series().to_list()
 
 
 def bm25_search(
@@ -52,20 +118,26 @@ def bm25_search(
 ) -> pa.Table:
     """QUERIES -> RETRIEVED: BM25 top-k per query, searched `threads` at a time inside Lucene."""
     start_jvm()
-    from pyserini.search.lucene import LuceneSearcher
+    from jnius import autoclass  # after start_jvm: importing jnius starts the JVM
 
-    searcher = LuceneSearcher(str(index_dir))
-    searcher.set_bm25(k1, b)
+    searcher = autoclass("io.anserini.search.SimpleSearcher")(str(index_dir))
+    java_list = autoclass("java.util.ArrayList")
+    searcher.set_bm25(float(k1), float(b))
     query_ids: list[str] = []
     doc_ids: list[str] = []
     scores: list[float] = []
     try:
         for batch in _batches(queries, QUERY_BATCH):
-            hits = searcher.batch_search(
-                batch.column("text").to_pylist(), batch.column("query_id").to_pylist(), k=k, threads=threads
-            )
-            for query_id, results in hits.items():
-                for hit in results:
+            texts, ids = java_list(), java_list()
+            for text, query_id in zip(
+                batch.column("text").to_pylist(), batch.column("query_id").to_pylist(), strict=True
+            ):
+                texts.add(text)
+                ids.add(query_id)
+            hits = searcher.batch_search(texts, ids, int(k), int(threads))
+            for entry in hits.entrySet().toArray():
+                query_id = entry.getKey()
+                for hit in entry.getValue():
                     query_ids.append(query_id)
                     doc_ids.append(hit.docid)
                     scores.append(hit.score)
@@ -81,6 +153,208 @@ def bm25_search(
 
 # --- dense ------------------------------------------------------------------------------------------
 
+DenseIndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+# faiss's default: candidates kept per insertion while the HNSW graph is built.
+HNSW_EF_CONSTRUCTION = 40
+# IVF lists are trained by k-means on up to this many vectors per list (faiss warns below 39), for this many
+# rounds: enough for stable lists, while training a million documents takes minutes, not hours.
+IVF_TRAINING_VECTORS_PER_LIST = 64
+IVF_TRAINING_ROUNDS = 20
+INDEX_FILE_SUFFIX = ".faiss"
+
+
+@dataclass(frozen=True)
+class DenseIndexSpec:
+    """Which faiss index dense retrieval searches; the approximate ones' settings."""
+
+    kind: DenseIndexKind = "auto"
+    # "auto": exact search up to this many documents, HNSW above.
+    ann_threshold: int = 1_000_000
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 256
+    ivf_nprobe: int = 32
+    # Queries sampled to measure an approximate index's recall@k against exact search; 0 skips it.
+    recall_queries: int = 200
+    # IVF's k-means and the recall sample.
+    seed: int = 0
+
+    def resolve(self, documents: int) -> Literal["flat", "hnsw", "ivf"]:
+        if self.kind == "auto":
+            return "hnsw" if documents > self.ann_threshold else "flat"
+        return self.kind
+
+
+def ivf_lists(documents: int) -> int:
+    """About 4 x sqrt(N) lists, but never fewer than 39 training vectors per list."""
+    return max(1, min(round(4 * math.sqrt(documents)), documents // 39))
+
+
+def dense_retrieve(
+    query_ids: pa.Array | pa.ChunkedArray,
+    query_vectors: np.ndarray,
+    doc_ids: pa.Array | pa.ChunkedArray,
+    doc_vectors: np.ndarray,
+    *,
+    k: int,
+    threads: int,
+    spec: DenseIndexSpec = DenseIndexSpec(),
+    cache_dir: Path | None = None,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Dense top-k through the index `spec` picks -> (RETRIEVED, what searched: kind, settings, measured recall).
+
+    An approximate index is kept in `cache_dir` (when given) under a hash of the vectors and its settings,
+    and reused by the next run over the same vectors.
+    """
+    documents = len(doc_vectors)
+    kind = spec.resolve(documents)
+    info: dict[str, Any] = {"kind": kind, "requested": spec.kind, "documents": documents}
+    if kind == "flat":
+        retrieved = dense_search(query_ids, query_vectors, doc_ids, doc_vectors, k=k, threads=threads)
+        return retrieved, {**info, "exact": True}
+    import faiss
+
+    settings = _index_settings(kind, documents, spec)
+    index, reused = cached_dense_index(kind, doc_vectors, settings, cache_dir=cache_dir, threads=threads)
+    k = min(k, documents)
+    if kind == "hnsw":
+        index.hnsw.efSearch = max(spec.hnsw_ef_search, k)  # HNSW cannot return more than efSearch hits
+        settings["hnsw_ef_search"] = index.hnsw.efSearch
+    else:
+        index.nprobe = min(spec.ivf_nprobe, index.nlist)
+        settings["ivf_nprobe"] = index.nprobe
+    faiss.omp_set_num_threads(threads)
+    retrieved = dense_search(query_ids, query_vectors, doc_ids, doc_vectors, k=k, threads=threads, index=index)
+    info.update(settings, exact=False, reused_from_cache=reused)
+    sampled = min(spec.recall_queries, len(query_vectors))
+    if sampled:
+        recall = ann_recall(index, doc_vectors, query_vectors, k=k, sample=sampled, seed=spec.seed)
+        info.update(k=k, recall_at_k=round(recall, 4), recall_queries=sampled)
+    return retrieved, info
+
+
+def _index_settings(kind: str, documents: int, spec: DenseIndexSpec) -> dict[str, Any]:
+    """What decides the index's content: its key in the cache."""
+    if kind == "hnsw":
+        return {"hnsw_m": spec.hnsw_m, "hnsw_ef_construction": HNSW_EF_CONSTRUCTION}
+    return {
+        "ivf_nlist": ivf_lists(documents),
+        "ivf_training_vectors_per_list": IVF_TRAINING_VECTORS_PER_LIST,
+        "ivf_training_rounds": IVF_TRAINING_ROUNDS,
+        "ivf_seed": spec.seed,
+    }
+
+
+def build_dense_index(kind: str, vectors: np.ndarray, settings: dict[str, Any], *, threads: int) -> Any:
+    """An HNSW or IVF inner-product index over `vectors` (a faiss.Index), the same one every time."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, settings["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = settings["hnsw_ef_construction"]
+        # faiss inserts in an unspecified order on several threads, so such a graph differs run to run (faiss
+        # issues 983 and 2548); one thread builds the same graph every time, and the graph is then cached.
+        faiss.omp_set_num_threads(1)
+        index.add(vectors)
+    elif kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, settings["ivf_nlist"], faiss.METRIC_INNER_PRODUCT)
+        # k-means is seeded and, for a given number of threads, repeatable.
+        index.cp.seed = settings["ivf_seed"]
+        index.cp.niter = settings["ivf_training_rounds"]
+        index.cp.max_points_per_centroid = settings["ivf_training_vectors_per_list"]
+        faiss.omp_set_num_threads(threads)
+        index.train(vectors)
+        index.add(vectors)
+    else:
+        raise ValueError(f"no approximate index of kind {kind!r}")
+    faiss.omp_set_num_threads(threads)
+    return index
+
+
+def cached_dense_index(
+    kind: str, vectors: np.ndarray, settings: dict[str, Any], *, cache_dir: Path | None, threads: int
+) -> tuple[Any, bool]:
+    """(index, whether it came from `cache_dir`): a cached index of the same vectors and settings, else a new one.
+
+    The index file is written whole under a temporary name, then its checksum beside it: an index whose file
+    does not match the checksum (damaged, truncated, or still being written) is rebuilt, never used.
+    """
+    if cache_dir is None:
+        return build_dense_index(kind, vectors, settings, threads=threads), False
+    path = cache_dir / f"{kind}-{_index_key(kind, vectors, settings)}{INDEX_FILE_SUFFIX}"
+    index = _read_cached_index(path, vectors)
+    if index is not None:
+        return index, True
+    index = build_dense_index(kind, vectors, settings, threads=threads)
+    _write_cached_index(index, path, settings)
+    return index, False
+
+
+def _index_key(kind: str, vectors: np.ndarray, settings: dict[str, Any]) -> str:
+    # The index holds row numbers, not ids: the same vectors under other ids give the same index.
+    import faiss
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([faiss.__version__, kind, settings, vectors.shape], sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(vectors, dtype=np.float32).data)
+    return digest.hexdigest()
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _read_cached_index(path: Path, vectors: np.ndarray) -> Any | None:
+    import faiss
+
+    record_path = _checksum_path(path)
+    if not path.is_file() or not record_path.is_file():
+        return None
+    problem = None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if file_sha256(path) != record["sha256"]:
+            problem = "failed its checksum"
+        else:
+            index = faiss.read_index(str(path))
+            if (index.ntotal, index.d) != vectors.shape:
+                problem = f"holds {index.ntotal} vectors of {index.d} dimensions, not {vectors.shape}"
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        problem = f"is unreadable ({' '.join(str(error).split())[:200]})"
+    if problem is not None:
+        log.warning("cached dense index %s %s; discarding it and building it again", path, problem)
+        path.unlink(missing_ok=True)
+        record_path.unlink(missing_ok=True)
+        return None
+    return index
+
+
+def _write_cached_index(index: Any, path: Path, settings: dict[str, Any]) -> None:
+    import faiss
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as temporary:
+        faiss.write_index(index, str(temporary))
+        checksum = file_sha256(temporary)
+    record = {"sha256": checksum, "vectors": index.ntotal, "dimensions": index.d, "settings": settings}
+    write_json_atomic(record, _checksum_path(path))
+
+
+def ann_recall(
+    index: Any, doc_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int, sample: int, seed: int
+) -> float:
+    """Mean recall@k of `index` against exact search, over `sample` of the queries drawn with `seed`."""
+    import faiss
+
+    rows = np.sort(np.random.default_rng(seed).choice(len(query_vectors), size=sample, replace=False))
+    chosen = np.ascontiguousarray(query_vectors[rows], dtype=np.float32)
+    k = min(k, len(doc_vectors))
+    _, exact = faiss.knn(chosen, np.ascontiguousarray(doc_vectors, dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT)
+    _, approximate = index.search(chosen, k)
+    found = sum(np.intersect1d(got, wanted).size for got, wanted in zip(approximate, exact, strict=True))
+    return found / (len(rows) * k)
+
 
 def dense_search(
     query_ids: pa.Array | pa.ChunkedArray,
@@ -90,17 +364,29 @@ def dense_search(
     *,
     k: int,
     threads: int,
+    index: Any | None = None,
 ) -> pa.Table:
-    """Exact inner-product search (cosine on normalised vectors) with faiss -> RETRIEVED."""
+    """Inner-product top-k (cosine on normalised vectors) with faiss -> RETRIEVED.
+
+    Exact unless an `index` built over `doc_vectors` is given (see `dense_retrieve`).
+    """
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    index = faiss.IndexFlatIP(doc_vectors.shape[1])
-    index.add(doc_vectors)
+    if index is None:
+        # Exact search straight over the array: an IndexFlatIP would hold a second copy of every vector.
+        doc_vectors = np.ascontiguousarray(doc_vectors, dtype=np.float32)
+
+        def search(batch: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            return faiss.knn(batch, doc_vectors, k, faiss.METRIC_INNER_PRODUCT)
+
+    else:
+        search = index.search
     k = min(k, len(doc_ids))
     rows, scores = [], []
     for start in range(0, len(query_vectors), QUERY_BATCH):
-        batch_scores, batch_rows = index.search(query_vectors[start : start + QUERY_BATCH], k)
+        batch = np.ascontiguousarray(query_vectors[start : start + QUERY_BATCH], dtype=np.float32)
+        batch_scores, batch_rows = search(batch, k)
         rows.append(batch_rows)
         scores.append(batch_scores)
     found = np.concatenate(rows) if rows else np.zeros((0, k), dtype=np.int64)

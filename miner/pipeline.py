@@ -7,31 +7,39 @@ stages directly. So a flow run, a library call and an audit mine the same way.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from miner import candidates, sample, score
-from miner.cache import EmbeddingCache
+from miner.cache import Bm25IndexCache, EmbeddingCache, TeacherScoreCache
 from miner.config import MineConfig
+from miner.distributed import ShardRunner, Workers, prefill_embeddings, prefill_teacher_scores
 from miner.errors import InputError
 from miner.filter import filter_counts, positive_aware_filter
 from miner.ingest import Ingested
 from miner.models import (
     Embeddings,
+    ModelHandle,
     ModelRef,
     embed_table,
     load_cross_encoder,
     load_embedding_model,
+    model_key,
     resolve_model,
 )
+from miner.resume import work_dir
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 StageRunner = Callable[..., Any]
 
@@ -53,7 +61,7 @@ class Scored:
     embeddings: tuple[Embeddings, Embeddings] | None  # (queries, documents), when the bi-encoder ran
     models: dict[str, ModelRef]
     teacher: str
-    counts: dict[str, dict[str, int]]
+    counts: dict[str, dict[str, Any]]  # numbers, and the dense index's kind and settings
 
 
 @dataclass(frozen=True)
@@ -63,50 +71,89 @@ class Selected:
     counts: dict[str, dict[str, int]]
 
 
-def bm25_candidates(data: Ingested, config: MineConfig) -> pa.Table:
-    with tempfile.TemporaryDirectory(prefix="miner-bm25-") as workdir:
-        index_dir = Path(workdir) / "index"
-        candidates.build_bm25_index(data.corpus, index_dir, threads=threads(config))
-        return candidates.bm25_search(
-            index_dir,
-            data.queries,
-            k=config.retrieval.bm25_k,
-            threads=threads(config),
-            k1=config.retrieval.bm25_k1,
-            b=config.retrieval.bm25_b,
-        )
+def bm25_candidates(data: Ingested, config: MineConfig) -> tuple[pa.Table, dict[str, int]]:
+    """BM25 top-k per query, over an index taken from the cache, grown from a cached one, or built."""
+    search = functools.partial(
+        candidates.bm25_search,
+        queries=data.queries,
+        k=config.retrieval.bm25_k,
+        threads=threads(config),
+        k1=config.retrieval.bm25_k1,
+        b=config.retrieval.bm25_b,
+    )
+    if not config.cache:
+        with tempfile.TemporaryDirectory(prefix="miner-bm25-") as workdir:
+            index_dir = Path(workdir) / "index"
+            candidates.build_bm25_index(data.corpus, index_dir, threads=threads(config))
+            return search(index_dir), {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
+    cache = Bm25IndexCache(config.cache_dir)
+    key = cache.key(candidates.bm25_index_settings(), data.corpus)
+    entry = cache.find(key)
+    indexed = 0
+    if entry is None:
+        base = cache.base_for(key, data.corpus)
+        scratch = cache.scratch()
+        try:
+            new_docs = data.corpus
+            if base is not None:
+                cache.copy_into(base[0], scratch)
+                new_docs = data.corpus.filter(pc.is_in(data.corpus["doc_id"], base[1]["doc_id"]))
+            candidates.build_bm25_index(new_docs, scratch, threads=threads(config), append=base is not None)
+            indexed = new_docs.num_rows
+            entry = cache.publish(scratch, key, data.corpus)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    counts = {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
+    return search(entry), counts
 
 
 def embed(
     data: Ingested, model_ref: ModelRef, config: MineConfig, doc_ids: pa.Array | None = None
 ) -> tuple[Embeddings, Embeddings]:
     """Query and document embeddings; `doc_ids` limits the documents (when only the teacher needs them)."""
-    import torch
 
-    torch.set_num_threads(threads(config))
-    model = load_embedding_model(model_ref, config.show_progress)
+    def load() -> SentenceTransformer:
+        import torch
+
+        torch.set_num_threads(threads(config))
+        return load_embedding_model(model_ref, config.show_progress)
+
     corpus = data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
     options = {
         "batch_size": config.models.batch_size,
         "show_progress": config.show_progress,
-        "cache": EmbeddingCache(config.cache_dir) if config.cache else None,
-        "model_key": hashlib.blake2b(model_ref.fingerprint.encode(), digest_size=8).hexdigest(),
+        "cache": EmbeddingCache(cache_dir(config)) if cache_dir(config) else None,
+        "model_key": model_key(model_ref),
     }
+    model = ModelHandle(load)
     return (
         embed_table(model, data.queries, id_column="query_id", kind="query", **options),
         embed_table(model, corpus, id_column="doc_id", kind="document", **options),
     )
 
 
-def dense_candidates(embeddings: tuple[Embeddings, Embeddings], config: MineConfig) -> pa.Table:
+def dense_candidates(embeddings: tuple[Embeddings, Embeddings], config: MineConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """Dense top-k per query, and which index searched (for an approximate one, its measured recall)."""
     queries, documents = embeddings
-    return candidates.dense_search(
+    retrieval = config.retrieval
+    spec = candidates.DenseIndexSpec(
+        kind=retrieval.dense_index,
+        ann_threshold=retrieval.ann_threshold,
+        hnsw_m=retrieval.hnsw_m,
+        hnsw_ef_search=retrieval.hnsw_ef_search,
+        ivf_nprobe=retrieval.ivf_nprobe,
+        recall_queries=retrieval.ann_recall_queries,
+    )
+    folder = cache_dir(config)
+    return candidates.dense_retrieve(
         queries.ids,
         queries.vectors,
         documents.ids,
         documents.vectors,
-        k=config.retrieval.dense_k,
+        k=retrieval.dense_k,
         threads=threads(config),
+        spec=spec,
+        cache_dir=folder / "dense" if folder else None,
     )
 
 
@@ -122,28 +169,77 @@ def teacher_scores(
             pairs,
             data.queries,
             data.corpus,
-            load_cross_encoder(teacher_ref, config.show_progress),
+            ModelHandle(lambda: load_cross_encoder(teacher_ref, config.show_progress)),
             batch_size=config.models.teacher_batch_size,
             show_progress=config.show_progress,
+            cache=TeacherScoreCache(cache_dir(config)) if cache_dir(config) else None,
+            model_key=model_key(teacher_ref),
         )
     assert embeddings is not None
     queries, documents = embeddings
     return score.bi_encoder_scores(pairs, queries.ids, queries.vectors, documents.ids, documents.vectors)
 
 
-def score_candidates(data: Ingested, config: MineConfig, run: StageRunner = run_directly) -> Scored:
-    """BM25 + dense candidates, merged, then teacher scores for every candidate and positive."""
+def cache_dir(config: MineConfig) -> Path | None:
+    """Where computed artefacts are kept: the cache, or with Dask and no cache a folder the run removes at the end.
+
+    Dask workers hand their shards over through it, so it must be on a path every worker sees.
+    """
+    if config.cache:
+        return config.cache_dir
+    return work_dir(config.out) / "shard-cache" if config.dask else None
+
+
+def _workers(config: MineConfig, shards: ShardRunner) -> Workers:
+    folder = cache_dir(config)
+    assert folder is not None
+    return Workers(shards, work_dir(config.out) / "shards", folder, threads(config))
+
+
+def distributed_embeddings(
+    data: Ingested, ref: ModelRef, config: MineConfig, shards: ShardRunner, doc_ids: pa.Array | None = None
+) -> None:
+    """Encode what the cache lacks on the workers, shard by shard; `embed` then finds it all cached."""
+    corpus = data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
+    workers = _workers(config, shards)
+    for kind, table in (("query", data.queries), ("document", corpus)):
+        prefill_embeddings(table, kind=kind, ref=ref, batch_size=config.models.batch_size, workers=workers)
+
+
+def distributed_teacher_scores(
+    pairs: pa.Table, data: Ingested, ref: ModelRef, config: MineConfig, shards: ShardRunner
+) -> None:
+    """Score what the teacher cache lacks on the workers; the teacher stage then finds it all cached."""
+    batch_size = config.models.teacher_batch_size
+    workers = _workers(config, shards)
+    prefill_teacher_scores(pairs, data.queries, data.corpus, ref=ref, batch_size=batch_size, workers=workers)
+
+
+def score_candidates(
+    data: Ingested, config: MineConfig, run: StageRunner = run_directly, shards: ShardRunner | None = None
+) -> Scored:
+    """BM25 + dense candidates, merged, then teacher scores for every candidate and positive.
+
+    With `shards` (a Dask cluster), encoding and cross-encoder scoring run on its workers first.
+    """
     embedding_ref = resolve_model(config.models.embedding_model)
     teacher_ref = resolve_model(config.models.cross_encoder) if config.models.cross_encoder else None
     retrieval = config.retrieval
-    bm25 = run("bm25", bm25_candidates, data, config) if retrieval.bm25 else None
+    bm25, bm25_counts = run("bm25", bm25_candidates, data, config) if retrieval.bm25 else (None, {})
+    if shards is not None and retrieval.dense:
+        distributed_embeddings(data, embedding_ref, config, shards)
     embeddings = run("embed", embed, data, embedding_ref, config) if retrieval.dense else None
-    dense = run("dense", dense_candidates, embeddings, config) if embeddings else None
+    dense, dense_index = run("dense", dense_candidates, embeddings, config) if embeddings else (None, {})
     pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k)
     pairs = score.teacher_pairs(pool, data.qrels)
     if embeddings is None and (teacher_ref is None or config.filter.needs_geometry):
         # Dense retrieval is off but the bi-encoder is needed (teacher or geometry): embed only what it scores.
-        embeddings = run("embed", embed, data, embedding_ref, config, doc_ids=pc.unique(pairs["doc_id"]))
+        doc_ids = pc.unique(pairs["doc_id"])
+        if shards is not None:
+            distributed_embeddings(data, embedding_ref, config, shards, doc_ids=doc_ids)
+        embeddings = run("embed", embed, data, embedding_ref, config, doc_ids=doc_ids)
+    if shards is not None and teacher_ref is not None:
+        distributed_teacher_scores(pairs, data, teacher_ref, config, shards)
     scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings)
     counts = {
         "pool": pool.num_rows,
@@ -161,6 +257,8 @@ def score_candidates(data: Ingested, config: MineConfig, run: StageRunner = run_
             "candidates": counts,
             "teacher": {"pairs_scored": scores.num_rows},
             "embeddings": _embedding_counts(embeddings),
+            "bm25_index": bm25_counts,
+            "dense_index": dense_index,
         },
     )
 

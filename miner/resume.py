@@ -33,8 +33,9 @@ from miner.tables import file_sha256
 log = logging.getLogger(__name__)
 
 KEY_FILE = "run-key.json"
-# Settings that change only speed or what is shown, never rows: a re-run that differs only in these resumes.
-RUNTIME_ONLY = {"out", "show_progress", "threads", "cache", "cache_dir"}
+# Settings that change only speed, what is shown or which files the rows go to, never rows: a re-run that
+# differs only in these resumes.
+RUNTIME_ONLY = {"out", "show_progress", "threads", "cache", "cache_dir", "engine", "dask_address", "workers", "formats"}
 
 
 def work_dir(out: Path) -> Path:

@@ -96,6 +96,31 @@ def ntuples_schema(num_negatives: int) -> pa.Schema:
     )
 
 
+# labeled-pairs.parquet: one row per distinct (query, positive) with label 1 and (query, negative) with label 0.
+# Only these three columns: sentence-transformers' trainers take every column but the label as model input.
+LABELED_PAIRS = pa.schema([("query", _str), ("passage", _str), ("label", pa.float32())])
+
+# margin-mse.parquet: the triplets with the teacher's margin, positive_score - negative_score, as the label.
+MARGIN_MSE = pa.schema([*TRIPLETS, ("label", pa.float32())])
+
+# flagembedding.jsonl: one line per (query, positive) with the negatives sampled for it and the teacher's scores.
+FLAGEMBEDDING = pa.schema(
+    [
+        ("query", _str),
+        ("pos", pa.list_(_str)),
+        ("neg", pa.list_(_str)),
+        ("pos_scores", pa.list_(pa.float32())),
+        ("neg_scores", pa.list_(pa.float32())),
+    ]
+)
+
+# tevatron.jsonl: one line per (query, positive), passages as {docid, title, text}.
+_PASSAGES = pa.list_(pa.struct([("docid", _str), ("title", _str), ("text", _str)]))
+TEVATRON = pa.schema(
+    [("query_id", _str), ("query", _str), ("positive_passages", _PASSAGES), ("negative_passages", _PASSAGES)]
+)
+
+
 class SchemaError(RuntimeError):
     """A stage produced or was given a table that breaks the contract: a bug, not a user error."""
 

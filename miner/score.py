@@ -9,10 +9,12 @@ import polars as pl
 import pyarrow as pa
 
 from miner import schema
-from miner.models import Embeddings
+from miner.models import Embeddings, ModelHandle
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
+
+    from miner.cache import TeacherScoreCache
 
 _ROW_CHUNK = 65_536
 
@@ -59,15 +61,13 @@ def bi_encoder_scores(
     return schema.conform(frame.select("query_id", "doc_id").with_columns(teacher_score=scores), schema.TEACHER_SCORES)
 
 
-def cross_encoder_scores(
-    pairs: pa.Table, queries: pa.Table, corpus: pa.Table, model: CrossEncoder, *, batch_size: int, show_progress: bool
-) -> pa.Table:
-    """Cross-encoder scores, batched across queries.
+# Pairs scored between two writes to the teacher cache; a multiple of any sensible batch size.
+TEACHER_CHUNK = 8192
 
-    Each distinct (query text, passage text) is scored once, and pairs are scored longest first so
-    each batch pads to similar lengths.
-    """
-    texts = (
+
+def pair_texts(pairs: pa.Table, queries: pa.Table, corpus: pa.Table) -> pl.DataFrame:
+    """PAIRS with their texts and text hashes: (query_id, doc_id, query, query_hash, passage, passage_hash)."""
+    return (
         pl.from_arrow(pairs)
         .join(
             pl.from_arrow(queries.select(["query_id", "text", "text_hash"])).rename(
@@ -84,26 +84,72 @@ def cross_encoder_scores(
             how="left",
         )
     )
+
+
+def scoring_chunks(
+    texts: pl.DataFrame, cache: TeacherScoreCache | None, model_key: str
+) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
+    """(distinct text pairs with the cached scores, chunks of the ones still to score).
+
+    Each distinct (query text, passage text) once, longest first so each batch pads to similar lengths. The
+    chunks depend only on what is missing, so a run spread over Dask workers scores exactly the same batches.
+    """
     distinct = (
         texts.unique(["query_hash", "passage_hash"], keep="first", maintain_order=True)
         .select("query_hash", "passage_hash", "query", "passage")
         .with_columns(length=pl.col("query").str.len_chars() + pl.col("passage").str.len_chars())
-        .sort("length", descending=True)
+        .sort(["length", "query_hash", "passage_hash"], descending=[True, False, False])
     )
-    scores = np.empty(distinct.height, dtype=np.float32)
-    if distinct.height:
-        predicted = model.predict(
-            list(zip(distinct["query"].to_list(), distinct["passage"].to_list(), strict=True)),
-            batch_size=batch_size,
-            show_progress_bar=show_progress,
-            convert_to_numpy=True,
-        )
-        predicted = np.asarray(predicted, dtype=np.float32)
-        if predicted.ndim != 1:
-            raise ValueError(f"the cross-encoder returns {predicted.shape[-1]} scores per pair; a teacher needs one")
-        scores[:] = predicted
-    scored = distinct.select("query_hash", "passage_hash").with_columns(teacher_score=scores)
-    frame = texts.join(scored, on=["query_hash", "passage_hash"], how="left")
+    if cache is not None:
+        distinct = cache.lookup(model_key, distinct)
+    else:
+        distinct = distinct.with_columns(teacher_score=pl.lit(None, pl.Float32))
+    todo = distinct.filter(pl.col("teacher_score").is_null())
+    return distinct, [todo.slice(start, TEACHER_CHUNK) for start in range(0, todo.height, TEACHER_CHUNK)]
+
+
+def score_chunk(model: CrossEncoder, chunk: pl.DataFrame, *, batch_size: int, show_progress: bool) -> pl.DataFrame:
+    """(query_hash, passage_hash, teacher_score) for one chunk of distinct text pairs."""
+    predicted = model.predict(
+        list(zip(chunk["query"].to_list(), chunk["passage"].to_list(), strict=True)),
+        batch_size=batch_size,
+        show_progress_bar=show_progress,
+        convert_to_numpy=True,
+    )
+    predicted = np.asarray(predicted, dtype=np.float32)
+    if predicted.ndim != 1:
+        raise ValueError(f"the cross-encoder returns {predicted.shape[-1]} scores per pair; a teacher needs one")
+    return chunk.select("query_hash", "passage_hash").with_columns(teacher_score=predicted)
+
+
+def cross_encoder_scores(
+    pairs: pa.Table,
+    queries: pa.Table,
+    corpus: pa.Table,
+    model: CrossEncoder | ModelHandle[CrossEncoder],
+    *,
+    batch_size: int,
+    show_progress: bool,
+    cache: TeacherScoreCache | None = None,
+    model_key: str = "",
+) -> pa.Table:
+    """Cross-encoder scores, batched across queries.
+
+    Pairs the cache holds are not scored at all (the model is then never loaded); each chunk scored goes to
+    the cache as it finishes.
+    """
+    handle = model if isinstance(model, ModelHandle) else ModelHandle(lambda: model)
+    texts = pair_texts(pairs, queries, corpus)
+    distinct, chunks = scoring_chunks(texts, cache, model_key)
+    scored = [
+        distinct.filter(pl.col("teacher_score").is_not_null()).select("query_hash", "passage_hash", "teacher_score")
+    ]
+    for chunk in chunks:
+        fresh = score_chunk(handle.model, chunk, batch_size=batch_size, show_progress=show_progress)
+        if cache is not None:
+            cache.store(model_key, fresh)
+        scored.append(fresh)
+    frame = texts.join(pl.concat(scored), on=["query_hash", "passage_hash"], how="left")
     return schema.conform(frame.sort("query_id", "doc_id"), schema.TEACHER_SCORES)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +43,19 @@ def run_cli(*args: str | Path) -> tuple[int, str, str]:
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
+
+
+def miner_process(*args: str | Path, cwd: Path, **env_updates: str) -> subprocess.CompletedProcess[str]:
+    """`miner` as its own process, with no Prefect API unless one is passed (so the stages run in process)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env_updates
+    return subprocess.run(
+        [sys.executable, "-m", "miner.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -110,24 +125,9 @@ def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory, bundled_model_p
     No cross-encoder with weights ships on PyPI; this one has no useful judgement, but it exercises the
     real loading and scoring code with a real model, offline.
     """
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from random_models import random_cross_encoder
 
-    folder = tmp_path_factory.mktemp("tiny-cross-encoder")
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=1,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return random_cross_encoder(tmp_path_factory.mktemp("tiny-cross-encoder"), bundled_model_path)
 
 
 @pytest.fixture(scope="session")
@@ -140,4 +140,10 @@ def prefect_server() -> Iterator[str]:
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield SubprocessASGIServer._instances[None].api_url
+        url = SubprocessASGIServer._instances[None].api_url
+        # `miner mine` runs its stages as Prefect tasks when an API is configured: this one.
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)

@@ -6,37 +6,48 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from typer.testing import CliRunner
 
-from miner.cache import EmbeddingCache
+from miner.cache import EmbeddingCache, TeacherScoreCache
 from miner.cli import app
-from miner.models import embed_table
+from miner.config import MineConfig, load_config
+from miner.ingest import Ingested, ingest
+from miner.models import ModelHandle, embed_table
+from miner.pipeline import bm25_candidates
+from miner.score import cross_encoder_scores, teacher_pairs
+
+
+def _store(cache: EmbeddingCache, hashes: list[str], vectors: np.ndarray, kind: str = "document") -> None:
+    cache.store("m", kind, hashes, vectors, np.zeros(len(hashes), dtype=bool))
 
 
 def test_round_trip_and_partial_hits(tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path)
+    assert cache.lookup("m", "document", ["a"])[0] is None  # nothing cached: not even the dimension is known
     vectors = np.arange(6, dtype=np.float32).reshape(3, 2)
-    cache.store("m", "document", ["a", "b", "c"], vectors)
-    got, found = cache.lookup("m", "document", ["c", "x", "a"], dim=2)
-    assert found.tolist() == [True, False, True]
+    cache.store("m", "document", ["a", "b", "c"], vectors, np.array([False, True, False]))
+    got, found, truncated = cache.lookup("m", "document", ["c", "x", "a", "b"])
+    assert found.tolist() == [True, False, True, True]
+    assert truncated.tolist() == [False, False, False, True]
     assert np.array_equal(got[0], vectors[2]) and np.array_equal(got[2], vectors[0])
-    assert not cache.lookup("m", "query", ["a"], dim=2)[1].any()  # queries and documents are kept apart
-    assert not cache.lookup("other-model", "document", ["a"], dim=2)[1].any()
+    assert not cache.lookup("m", "query", ["a"])[1].any()  # queries and documents are kept apart
+    assert not cache.lookup("other-model", "document", ["a"])[1].any()
     assert not list(tmp_path.rglob("*.tmp"))
-    twice, found = cache.lookup("m", "document", ["b", "b"], dim=2)
+    twice, found, _ = cache.lookup("m", "document", ["b", "b"])
     assert found.all() and np.array_equal(twice[0], twice[1])
 
 
 def test_a_corrupt_shard_is_discarded_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = EmbeddingCache(tmp_path)
-    cache.store("m", "document", ["a"], np.ones((1, 4), dtype=np.float32))
+    _store(cache, ["a"], np.ones((1, 4), dtype=np.float32))
     (shard,) = list(tmp_path.rglob("shard-*.npz"))
     data = bytearray(shard.read_bytes())
     data[-40:-30] = b"\x00" * 10
     shard.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        _, found = cache.lookup("m", "document", ["a"], dim=4)
+        _, found, _ = cache.lookup("m", "document", ["a"])
     assert not found.any()
     assert not shard.exists()
     assert "discarding" in caplog.text
@@ -60,6 +71,11 @@ def test_embed_table_encodes_each_new_text_once(tmp_path: Path, embedding_model)
     second = embed_table(embedding_model, grown, cache=cache, model_key="k", **options)
     assert second.encoded == 1
     assert np.allclose(second.vectors[:4], plain.vectors, atol=1e-6)
+    # All cached: the model is never loaded.
+    handle = ModelHandle(lambda: embedding_model)
+    third = embed_table(handle, grown, cache=cache, model_key="k", **options)
+    assert third.encoded == 0 and not handle.loaded
+    assert np.array_equal(third.vectors, second.vectors)
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -76,13 +92,65 @@ def test_a_rerun_with_other_filter_settings_encodes_nothing(small_beir: Path, tm
     after = json.loads((tmp_path / "b" / "manifest.json").read_text())["counts"]["embeddings"]
     assert before["documents_encoded"] > 0 and before["queries_encoded"] > 0
     assert after["documents_encoded"] == 0 and after["queries_encoded"] == 0
+    bm25 = [json.loads((tmp_path / n / "manifest.json").read_text())["counts"]["bm25_index"] for n in "ab"]
+    assert bm25[0]["documents_indexed"] > 0 and bm25[1]["documents_indexed"] == 0
 
 
 def test_cache_info_and_clear(tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path)
-    cache.store("m", "document", ["a", "b"], np.ones((2, 3), dtype=np.float32))
+    _store(cache, ["a", "b"], np.ones((2, 3), dtype=np.float32))
     info = CliRunner().invoke(app, ["cache", "info", "--cache-dir", str(tmp_path)])
     assert info.exit_code == 0 and "m-document" in info.stdout and "2 vectors" in info.stdout
     cleared = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
     assert cleared.exit_code == 0
-    assert not cache.lookup("m", "document", ["a"], dim=3)[1].any()
+    assert not cache.lookup("m", "document", ["a"])[1].any()
+
+
+def _bm25_config(data: Path, tmp_path: Path, cache: bool = True) -> MineConfig:
+    return load_config(None, {"data": data, "out": tmp_path / "out", "cache_dir": tmp_path / "cache", "cache": cache})
+
+
+def test_bm25_index_is_cached_grown_by_new_documents_and_rebuilt_when_damaged(
+    small_beir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    full = ingest(small_beir)
+    new_ids = full.corpus["doc_id"].to_pylist()[-10:]
+    older = Ingested(
+        **{**vars(full), "corpus": full.corpus.filter(pc.invert(pc.is_in(full.corpus["doc_id"], pa.array(new_ids))))}
+    )
+    config = _bm25_config(small_beir, tmp_path)
+    _, first = bm25_candidates(older, config)
+    assert first == {"documents_indexed": older.corpus.num_rows, "documents_from_cache": 0}
+    grown, counts = bm25_candidates(full, config)
+    assert counts == {"documents_indexed": 10, "documents_from_cache": full.corpus.num_rows - 10}
+    fresh, _ = bm25_candidates(full, _bm25_config(small_beir, tmp_path / "nocache", cache=False))
+    assert grown.equals(fresh)  # the grown index ranks exactly as one built from scratch
+    again, counts = bm25_candidates(full, config)
+    assert counts["documents_indexed"] == 0 and again.equals(fresh)
+    # Damage a file of the cached index: detected by its checksum, rebuilt, never used.
+    entry = max((p for p in (tmp_path / "cache" / "bm25").iterdir()), key=lambda p: p.stat().st_mtime)
+    victim = max((p for p in entry.iterdir() if p.suffix not in (".json", ".parquet")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-20])
+    with caplog.at_level(logging.WARNING):
+        rebuilt, counts = bm25_candidates(full, config)
+    assert "failed its checksum" in caplog.text
+    assert counts["documents_indexed"] > 0 and rebuilt.equals(fresh)
+
+
+def test_teacher_scores_are_cached_by_text(small_beir: Path, tiny_cross_encoder: Path, tmp_path: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    data = ingest(small_beir)
+    pairs = teacher_pairs(data.qrels, data.qrels).slice(0, 30)
+    cache = TeacherScoreCache(tmp_path)
+    model = CrossEncoder(str(tiny_cross_encoder), device="cpu")
+    options = {"batch_size": 8, "show_progress": False, "cache": cache, "model_key": "t"}
+    first = cross_encoder_scores(pairs, data.queries, data.corpus, model, **options)
+    handle = ModelHandle(lambda: model)
+    second = cross_encoder_scores(pairs, data.queries, data.corpus, handle, **options)
+    assert not handle.loaded and second.equals(first)
+    more = teacher_pairs(data.qrels, data.qrels).slice(0, 40)
+    grown = cross_encoder_scores(more, data.queries, data.corpus, handle, **options)
+    assert handle.loaded and grown.num_rows == 40
+    plain = cross_encoder_scores(more, data.queries, data.corpus, model, batch_size=8, show_progress=False)
+    assert np.allclose(grown["teacher_score"].to_numpy(), plain["teacher_score"].to_numpy(), atol=1e-5)

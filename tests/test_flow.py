@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import miner_process, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -176,16 +174,7 @@ def test_a_ceiling_above_every_teacher_score_is_refused_before_writing(
     assert not out.exists()
 
 
-def _subprocess(*args: str | Path, cwd: Path, **env_updates: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env_updates
-    return subprocess.run(
-        [sys.executable, "-m", "miner.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
+_subprocess = miner_process
 
 
 @pytest.mark.parametrize(
@@ -253,14 +242,22 @@ def test_a_process_reports_to_the_server_in_prefect_api_url(
     assert reported[0].parameters["config"]["sample"]["num_negatives"] == manifest["config"]["sample"]["num_negatives"]
 
 
-def test_a_process_with_no_server_runs_prefect_ephemerally(small_beir: Path, tmp_path: Path) -> None:
-    result = _subprocess(
-        "mine", small_beir, "--out", "out", "-q", "--no-bm25", cwd=tmp_path, PREFECT_HOME=str(tmp_path / "prefect-home")
+def test_without_a_prefect_api_the_stages_run_in_process_and_prefect_on_request(
+    small_beir: Path, tmp_path: Path
+) -> None:
+    home = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    local = _subprocess("mine", small_beir, "--out", "local", "-q", "--no-bm25", cwd=tmp_path, **home)
+    assert local.returncode == 0, local.stderr
+    assert not (tmp_path / "prefect-home").exists()  # no Prefect server was started
+    requested = _subprocess(
+        "mine", small_beir, "--out", "out", "-q", "--no-bm25", "--engine", "prefect", cwd=tmp_path, **home
     )
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert requested.returncode == 0, requested.stderr
     assert (tmp_path / "prefect-home").is_dir()  # the temporary server kept its database there
-    assert "INFO" not in result.stderr  # --quiet holds even after Prefect's server reconfigures logging
+    assert "INFO" not in requested.stderr  # --quiet holds even after Prefect's server reconfigures logging
+    # Either way the same rows.
+    for name in ("negatives.parquet", "triplets.parquet"):
+        assert pq.read_table(tmp_path / "local" / name).equals(pq.read_table(tmp_path / "out" / name))
 
 
 def _lock(out: Path, pid: int) -> Path:

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from flows.mine import ingest_from_config
 from miner.config import load_config
 from miner.lock import lock_path
 from miner.resume import StageStore, run_key, work_dir
+from miner.run import ingest_from_config
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -1,0 +1,138 @@
+"""The sharded stages: encoding and cross-encoder scoring, spread over workers (Dask through Prefect).
+
+A shard is one chunk of the same plan the single-process run follows (`models.encoding_chunks`,
+`score.scoring_chunks`), so a distributed run computes exactly the same batches and exactly the same floats.
+Shards travel as Parquet files on a shared path and land in the shared cache; a task returns a count, never a
+table. The stage that follows then finds everything in the cache, exactly as a warm re-run does.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from miner.cache import EmbeddingCache, TeacherScoreCache
+from miner.models import (
+    ModelRef,
+    encode_chunk,
+    encoding_chunks,
+    load_cross_encoder,
+    load_embedding_model,
+    model_key,
+)
+from miner.score import pair_texts, score_chunk, scoring_chunks
+
+# (stage name, function, list of argument tuples) -> list of results, one per tuple, in order.
+ShardRunner = Callable[[str, Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
+
+
+def map_directly(name: str, function: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[Any]:
+    return [function(*item) for item in items]
+
+
+@functools.cache
+def _embedding_model(ref: ModelRef, threads: int) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    return load_embedding_model(ref, show_progress=False)
+
+
+@functools.cache
+def _cross_encoder(ref: ModelRef, threads: int) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    return load_cross_encoder(ref, show_progress=False)
+
+
+def encode_shard(
+    ref: ModelRef, shard: str, kind: str, batch_size: int, cache_dir: str, model_key: str, threads: int
+) -> int:
+    """Encode one shard's texts into the cache; runs on a worker, which keeps its model between shards."""
+    table = pq.read_table(shard)
+    vectors, over = encode_chunk(
+        _embedding_model(ref, threads), table["text"], kind=kind, batch_size=batch_size, show_progress=False
+    )
+    EmbeddingCache(Path(cache_dir)).store(model_key, kind, table["text_hash"].to_pylist(), vectors, over)
+    return table.num_rows
+
+
+def score_shard(ref: ModelRef, shard: str, batch_size: int, cache_dir: str, model_key: str, threads: int) -> int:
+    """Score one shard of distinct text pairs into the teacher cache."""
+    chunk = pl.read_parquet(shard)
+    scored = score_chunk(_cross_encoder(ref, threads), chunk, batch_size=batch_size, show_progress=False)
+    TeacherScoreCache(Path(cache_dir)).store(model_key, scored)
+    return chunk.height
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Where shards run and meet: the runner, a scratch folder and a cache folder every worker sees."""
+
+    shards: ShardRunner
+    scratch: Path
+    cache_dir: Path
+    threads: int  # torch threads per worker
+
+
+def prefill_embeddings(table: pa.Table, *, kind: str, ref: ModelRef, batch_size: int, workers: Workers) -> int:
+    """Encode what `table` lacks in the cache, one shard per chunk; returns how many texts were encoded."""
+    key = model_key(ref)
+    _, found, _ = EmbeddingCache(workers.cache_dir).lookup(key, kind, table.column("text_hash").to_pylist())
+    rows_of, chunks = encoding_chunks(table, found)
+    workers.scratch.mkdir(parents=True, exist_ok=True)
+    items = []
+    for number, chunk in enumerate(chunks):
+        path = workers.scratch / f"encode-{kind}-{number:05d}.parquet"
+        rows = pa.array([rows_of[text_hash][0] for text_hash in chunk])
+        pq.write_table(table.select(["text_hash", "text"]).take(rows), path)
+        items.append((ref, str(path), kind, batch_size, str(workers.cache_dir), key, workers.threads))
+    return sum(workers.shards(f"encode-{kind}", encode_shard, items))
+
+
+def prefill_teacher_scores(
+    pairs: pa.Table, queries: pa.Table, corpus: pa.Table, *, ref: ModelRef, batch_size: int, workers: Workers
+) -> int:
+    """Score the distinct text pairs the teacher cache lacks, one shard per chunk; returns how many."""
+    key = model_key(ref)
+    _, chunks = scoring_chunks(pair_texts(pairs, queries, corpus), TeacherScoreCache(workers.cache_dir), key)
+    workers.scratch.mkdir(parents=True, exist_ok=True)
+    items = []
+    for number, chunk in enumerate(chunks):
+        path = workers.scratch / f"teacher-{number:05d}.parquet"
+        chunk.write_parquet(path)
+        items.append((ref, str(path), batch_size, str(workers.cache_dir), key, workers.threads))
+    return sum(workers.shards("teacher-shard", score_shard, items))
+
+
+def check_scheduler_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse at once, naming it, a Dask scheduler address nothing answers on (instead of a long hang)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from miner.errors import InputError
+
+    parts = urlsplit(address)
+    try:
+        host, port = parts.hostname, parts.port or 8786
+    except ValueError:
+        host, port = None, None
+    if not host:
+        raise InputError("--dask-address", f"'{address}' names no host", "write it as tcp://host:8786")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise InputError(
+            "--dask-address",
+            f"no Dask scheduler answers at {address} ({error.strerror or type(error).__name__})",
+            "start the scheduler (`dask scheduler`) or check the address; --workers N starts a local cluster instead",
+        ) from None

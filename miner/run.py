@@ -1,0 +1,118 @@
+"""The library entry point: one mining run, from a config to a finished output folder.
+
+`mine(config)` runs every stage in this process, with no server to start: what a script, a notebook or a
+benchmark calls. The Prefect flow (`flows/mine.py`) calls the same function with a stage runner that makes
+each stage a task, so both mine and write exactly the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from miner import export, formats
+from miner.config import MineConfig
+from miner.distributed import ShardRunner
+from miner.guards import check_resources
+from miner.ingest import Ingested, ingest
+from miner.lock import output_lock
+from miner.manifest import build_manifest, check_output_writable
+from miner.pipeline import Scored, Selected, StageRunner, run_directly, score_candidates, select_negatives
+from miner.resume import StageStore, resumable, run_key, work_dir
+
+log = logging.getLogger(__name__)
+
+
+def timed(run: StageRunner, timings: dict[str, float]) -> StageRunner:
+    """A stage runner that adds up each stage's wall time in `timings`."""
+
+    def run_timed(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return run(name, function, *args, **kwargs)
+        finally:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+
+    return run_timed
+
+
+def ingest_from_config(config: MineConfig) -> Ingested:
+    return ingest(
+        config.data,
+        split=config.split,
+        corpus=config.corpus,
+        queries=config.queries,
+        min_relevance=config.min_relevance,
+        skip_unknown=config.skip_unknown,
+    )
+
+
+def write_outputs(
+    data: Ingested,
+    scored: Scored,
+    chosen: Selected,
+    config: MineConfig,
+    timings: dict[str, float],
+    resumed: list[str],
+) -> dict[str, Any]:
+    """Write the training files, then the manifest last: a folder with a manifest is complete."""
+    out = config.out
+    scratch = work_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Without its manifest the folder reads as unfinished while its files are replaced one by one.
+    (out / export.MANIFEST_FILE).unlink(missing_ok=True)
+    negatives = export.training_rows(chosen.selected, data.queries, data.corpus)
+    outputs, export_counts = formats.build_exports(negatives, config.formats, config.sample.num_negatives)
+    formats.remove_unchosen(out, config.formats)
+    formats.write_exports(outputs, out, scratch=scratch)
+    counts = {"ingest": data.counts, **scored.counts, **chosen.counts, "export": export_counts}
+    manifest = build_manifest(
+        config=config,
+        models=scored.models,
+        inputs=data.input_hashes,
+        counts=counts,
+        scores=export.score_statistics(negatives),
+        timings=timings,
+        resumed=resumed,
+        files=[*outputs, export.MANIFEST_FILE],
+        teacher=scored.teacher,
+    )
+    export.write_json_atomic(manifest, out / export.MANIFEST_FILE, scratch=scratch)
+    return manifest
+
+
+def mine(
+    config: MineConfig,
+    run: StageRunner = run_directly,
+    shards: ShardRunner | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> dict[str, Any]:
+    """ingest -> BM25 + dense candidates -> teacher scores -> positive-aware filter -> sample -> export.
+
+    Returns the manifest it wrote. `run` decides how each stage runs (directly, or as a Prefect task);
+    `shards`, when given, runs the sharded stages (encoding, cross-encoder scoring) on workers.
+    """
+    timings: dict[str, float] = {}
+    run = timed(run, timings)
+    check_output_writable(config.out)
+    with output_lock(config.out):
+        data = run("ingest", ingest_from_config, config)
+        logger.info("ingested %s", data.counts)
+        run("guard", check_resources, data, config)
+        store = StageStore(config.out, run_key(config, data.input_hashes))
+        resumed: list[str] = []
+        stage = resumable(run, store, resumed, skip=frozenset({"export"}))
+        scored = score_candidates(data, config, stage, shards)
+        chosen = select_negatives(scored, data, config, stage)
+        manifest = stage("export", write_outputs, data, scored, chosen, config, timings, resumed)
+        store.finish()
+    sample_counts = chosen.counts["sample"]
+    logger.info(
+        "wrote %s: %s negatives for %s (query, positive) pairs",
+        config.out,
+        sample_counts["negatives"],
+        sample_counts["pairs"],
+    )
+    return manifest
