@@ -143,7 +143,7 @@ def teacher(data: Path, work: Path, model_path: str) -> list[dict[str, Any]]:
     config = MineConfig.model_validate(
         {"data": str(data), "out": str(work / "unused"), "cache_dir": str(work / "cache-a"), "show_progress": False}
     )
-    pool = dense_candidates(embed(given, resolve_model("all-MiniLM-L6-v2"), config), config)
+    pool, _ = dense_candidates(embed(given, resolve_model("all-MiniLM-L6-v2"), config), config)
     all_pairs = teacher_pairs(candidate_pool(None, pool), given.qrels)
     rows = []
     models = (

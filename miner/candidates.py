@@ -53,8 +53,9 @@ def bm25_index_settings() -> str:
 # A table, or tables / record batches one after another (Parquet shards read batch by batch, say).
 CorpusBatches = pa.Table | Iterable[pa.Table | pa.RecordBatch]
 # Anserini's SimpleIndexer keeps up to 2 GB of postings in memory before it writes a segment: more than the
-# JVM's heap (miner.java.DEFAULT_HEAP). Committing after this much text bounds that buffer (about 300 MB of
-# heap per 512 MB of English text), so indexing memory does not grow with the corpus.
+# JVM's heap (miner.java.DEFAULT_HEAP). Committing after this much text bounds that buffer, so indexing
+# memory does not grow with the corpus (a million Cranfield-like documents, 1 GB of text, fitted uncommitted
+# in a 1 GB heap).
 COMMIT_TEXT_BYTES = 512 * 2**20
 
 
@@ -211,18 +212,10 @@ def dense_retrieve(
     if kind == "flat":
         retrieved = dense_search(query_ids, query_vectors, doc_ids, doc_vectors, k=k, threads=threads)
         return retrieved, {**info, "exact": True}
-    import faiss
-
-    settings = _index_settings(kind, documents, spec)
+    settings = index_settings(kind, documents, spec)
     index, reused = cached_dense_index(kind, doc_vectors, settings, cache_dir=cache_dir, threads=threads)
     k = min(k, documents)
-    if kind == "hnsw":
-        index.hnsw.efSearch = max(spec.hnsw_ef_search, k)  # HNSW cannot return more than efSearch hits
-        settings["hnsw_ef_search"] = index.hnsw.efSearch
-    else:
-        index.nprobe = min(spec.ivf_nprobe, index.nlist)
-        settings["ivf_nprobe"] = index.nprobe
-    faiss.omp_set_num_threads(threads)
+    settings.update(configure_search(index, kind, spec, k))
     retrieved = dense_search(query_ids, query_vectors, doc_ids, doc_vectors, k=k, threads=threads, index=index)
     info.update(settings, exact=False, reused_from_cache=reused)
     sampled = min(spec.recall_queries, len(query_vectors))
@@ -232,8 +225,8 @@ def dense_retrieve(
     return retrieved, info
 
 
-def _index_settings(kind: str, documents: int, spec: DenseIndexSpec) -> dict[str, Any]:
-    """What decides the index's content: its key in the cache."""
+def index_settings(kind: str, documents: int, spec: DenseIndexSpec) -> dict[str, Any]:
+    """What decides an approximate index's content: its key in the cache."""
     if kind == "hnsw":
         return {"hnsw_m": spec.hnsw_m, "hnsw_ef_construction": HNSW_EF_CONSTRUCTION}
     return {
@@ -242,6 +235,15 @@ def _index_settings(kind: str, documents: int, spec: DenseIndexSpec) -> dict[str
         "ivf_training_rounds": IVF_TRAINING_ROUNDS,
         "ivf_seed": spec.seed,
     }
+
+
+def configure_search(index: Any, kind: str, spec: DenseIndexSpec, k: int) -> dict[str, int]:
+    """Set the search-time settings `spec` asks for on `index`; returns them as set."""
+    if kind == "hnsw":
+        index.hnsw.efSearch = max(spec.hnsw_ef_search, k)  # HNSW cannot return more than efSearch hits
+        return {"hnsw_ef_search": index.hnsw.efSearch}
+    index.nprobe = min(spec.ivf_nprobe, index.nlist)
+    return {"ivf_nprobe": index.nprobe}
 
 
 def build_dense_index(kind: str, vectors: np.ndarray, settings: dict[str, Any], *, threads: int) -> Any:
@@ -278,7 +280,8 @@ def cached_dense_index(
     """(index, whether it came from `cache_dir`): a cached index of the same vectors and settings, else a new one.
 
     The index file is written whole under a temporary name, then its checksum beside it: an index whose file
-    does not match the checksum (damaged, truncated, or still being written) is rebuilt, never used.
+    fails the checksum (damaged, truncated) is discarded with a warning and rebuilt, never used; one without
+    a checksum (a run stopped between the two writes) is rebuilt.
     """
     if cache_dir is None:
         return build_dense_index(kind, vectors, settings, threads=threads), False
