@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import itertools
 import json
 import os
@@ -288,28 +289,37 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(part: str, size: int, args: argparse.Namespace, ann: list[str]) -> dict[str, Any]:
-    result_path = Path(args.work) / f"result-{part}-{size_name(size)}.json"
-    result_path.unlink(missing_ok=True)
+    """One part in its own process; its record is kept in the work folder, for `--resume`."""
     command = [sys.executable, __file__, "--child", part, "--size", str(size), "--sizes", args.sizes]
     command += ["--work", str(args.work), "--queries", str(args.queries), "--k", str(args.k)]
-    command += ["--threads", str(args.threads), "--seed", str(args.seed), "--result", str(result_path)]
-    command += ["--ann", ",".join(ann)]
+    command += ["--threads", str(args.threads), "--seed", str(args.seed), "--ann", ",".join(ann)]
+    key = hashlib.blake2b(json.dumps([GENERATOR_VERSION, command[3:]]).encode(), digest_size=6).hexdigest()
+    record_path = Path(args.work) / "runs" / f"{part}-{size_name(size) if size else 'all'}-{key}.json"
+    # The data part is always run: it only checks, when the corpora are on disk already.
+    if args.resume and part != "data" and record_path.is_file():
+        print(f"{part} {size_name(size) if size else ''}: finished by an earlier run, reused", flush=True)
+        return json.loads(record_path.read_text())
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path = record_path.with_suffix(".child.json")
+    result_path.unlink(missing_ok=True)
     print(" ".join([part, *([size_name(size)] if size else []), *ann]), flush=True)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    process = subprocess.run(command, check=False)
+    process = subprocess.run([*command, "--result", str(result_path)], check=False)
     if process.returncode != 0:
         raise SystemExit(f"{part} at {size_name(size)} failed with exit code {process.returncode}")
-    result = json.loads(result_path.read_text())
-    result_path.unlink()
-    return {
+    record = {
         "size": size,
         "part": part,
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "process_wall_s": time.perf_counter() - started,
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
-        **result,
+        **json.loads(result_path.read_text()),
     }
+    result_path.unlink()
+    record_path.write_text(json.dumps(record))
+    return record
 
 
 def machine() -> dict[str, Any]:
@@ -503,6 +513,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(WORK), help="folder for the synthetic corpora and indexes")
     parser.add_argument("--results", default=str(RESULTS), help="folder for scale.md and scale.json")
     parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from scale.json, run nothing")
+    parser.add_argument("--resume", action="store_true", help="reuse parts an interrupted run finished")
     parser.add_argument("--child", choices=["data", "bm25", "faiss"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--ann", default="", help=argparse.SUPPRESS)

@@ -31,7 +31,7 @@ from miner.tables import file_sha256
 
 log = logging.getLogger(__name__)
 
-KINDS = ("embeddings", "teacher", "bm25")
+KINDS = ("embeddings", "teacher", "bm25", "dense")  # dense: saved faiss indexes (miner/candidates.py)
 
 
 def default_cache_dir() -> Path:
@@ -259,7 +259,7 @@ class Bm25IndexCache:
 def summary(root: Path) -> list[tuple[str, int, int, int]]:
     """(entry, files, rows, bytes) for every cache entry under `root`."""
     rows = []
-    embeddings, teacher, bm25 = (root / kind for kind in KINDS)
+    embeddings, teacher, bm25, dense = (root / kind for kind in KINDS)
     for folder in sorted(p for p in embeddings.iterdir() if p.is_dir()) if embeddings.is_dir() else []:
         rows.append((f"embeddings/{folder.name}", *_ShardStore(folder, ("hashes",)).size()))
     for folder in sorted(p for p in teacher.iterdir() if p.is_dir()) if teacher.is_dir() else []:
@@ -273,6 +273,9 @@ def summary(root: Path) -> list[tuple[str, int, int, int]]:
             documents = 0
         files = list(entry.iterdir())
         rows.append((f"bm25/{entry.name}", len(files), documents, sum(f.stat().st_size for f in files)))
+    index_files = sorted(p for p in dense.iterdir() if p.is_file()) if dense.is_dir() else []
+    if index_files:
+        rows.append(("dense", len(index_files), 0, sum(f.stat().st_size for f in index_files)))
     return rows
 
 
