@@ -19,11 +19,13 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from miner.export import atomic_write
@@ -207,7 +209,29 @@ class Bm25IndexCache:
         except (OSError, ValueError, TypeError, AttributeError):
             return False
 
-    def base_for(self, key: str, docs: pa.Table) -> tuple[Path, pa.Table] | None:
+    def index(self, settings: str, docs: pa.Table, build: Callable[[pa.Table, Path, bool], None]) -> tuple[Path, int]:
+        """(index folder, documents indexed now) for `docs`: the cached index, one grown from the largest cached
+        index of the same settings whose documents are all in `docs`, or a new one.
+
+        `build(rows, folder, append)` indexes `rows` into `folder`, adding to what is there when `append`.
+        """
+        key = self.key(settings, docs)
+        entry = self.find(key)
+        if entry is not None:
+            return entry, 0
+        base = self._base_for(key, docs)
+        scratch = self._scratch()
+        try:
+            new_docs = docs
+            if base is not None:
+                self._copy_into(base[0], scratch)
+                new_docs = docs.filter(pc.is_in(docs["doc_id"], base[1]["doc_id"]))
+            build(new_docs, scratch, base is not None)
+            return self._publish(scratch, key, docs), new_docs.num_rows
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _base_for(self, key: str, docs: pa.Table) -> tuple[Path, pa.Table] | None:
         """The largest cached index (same settings) whose documents are all in `docs`, and the ones it lacks."""
         prefix = key.split("-")[0]
         wanted = pl.from_arrow(docs.select(["doc_id", "text_hash"]))
@@ -229,12 +253,12 @@ class Bm25IndexCache:
         new = wanted.join(best[2], on=["doc_id", "text_hash"], how="anti")
         return best[1], new.to_arrow()
 
-    def scratch(self) -> Path:
+    def _scratch(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=".building-", dir=self.root))
 
     @staticmethod
-    def copy_into(base: Path, scratch: Path) -> None:
+    def _copy_into(base: Path, scratch: Path) -> None:
         for file in base.iterdir():
             if file.name in (DOCS_FILE, CHECKSUMS_FILE):
                 continue
@@ -243,7 +267,7 @@ class Bm25IndexCache:
             except OSError:
                 shutil.copy2(file, scratch / file.name)
 
-    def publish(self, scratch: Path, key: str, docs: pa.Table) -> Path:
+    def _publish(self, scratch: Path, key: str, docs: pa.Table) -> Path:
         """Seal a built index in `scratch` and move it to its key; a concurrent run's equal entry wins."""
         pq.write_table(docs.select(["doc_id", "text_hash"]), scratch / DOCS_FILE)
         checksums = {p.name: file_sha256(p) for p in sorted(scratch.iterdir())}
@@ -256,14 +280,16 @@ class Bm25IndexCache:
         return entry
 
 
-def summary(root: Path) -> list[tuple[str, int, int, int]]:
-    """(entry, files, rows, bytes) for every cache entry under `root`."""
+def summary(root: Path) -> list[tuple[str, int, int, str, int]]:
+    """(entry, files, rows, what the rows are, bytes) for every cache entry under `root`."""
     rows = []
     embeddings, teacher, bm25, dense = (root / kind for kind in KINDS)
     for folder in sorted(p for p in embeddings.iterdir() if p.is_dir()) if embeddings.is_dir() else []:
-        rows.append((f"embeddings/{folder.name}", *_ShardStore(folder, ("hashes",)).size()))
+        shards, vectors, size = _ShardStore(folder, ("hashes",)).size()
+        rows.append((f"embeddings/{folder.name}", shards, vectors, "vectors", size))
     for folder in sorted(p for p in teacher.iterdir() if p.is_dir()) if teacher.is_dir() else []:
-        rows.append((f"teacher/{folder.name}", *_ShardStore(folder, ("scores",)).size()))
+        shards, scores, size = _ShardStore(folder, ("scores",)).size()
+        rows.append((f"teacher/{folder.name}", shards, scores, "scores", size))
     for entry in (
         sorted(p for p in bm25.iterdir() if p.is_dir() and not p.name.startswith(".")) if bm25.is_dir() else []
     ):
@@ -272,10 +298,11 @@ def summary(root: Path) -> list[tuple[str, int, int, int]]:
         except OSError:
             documents = 0
         files = list(entry.iterdir())
-        rows.append((f"bm25/{entry.name}", len(files), documents, sum(f.stat().st_size for f in files)))
-    index_files = sorted(p for p in dense.iterdir() if p.is_file()) if dense.is_dir() else []
-    if index_files:
-        rows.append(("dense", len(index_files), 0, sum(f.stat().st_size for f in index_files)))
+        rows.append((f"bm25/{entry.name}", len(files), documents, "documents", sum(f.stat().st_size for f in files)))
+    files = sorted(p for p in dense.iterdir() if p.is_file()) if dense.is_dir() else []
+    indexes = [f for f in files if f.suffix == ".faiss"]
+    if files:
+        rows.append(("dense", len(files), len(indexes), "indexes", sum(f.stat().st_size for f in files)))
     return rows
 
 

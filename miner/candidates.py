@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.export import atomic_write, write_json_atomic
-from miner.java import start_jvm
+from miner.java import anserini_jar, start_jvm
 from miner.tables import file_sha256
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ def ranked(frame: pl.DataFrame) -> pa.Table:
 
 def bm25_index_settings() -> str:
     """What decides the index's content besides the documents: a cached index is reused only if it matches."""
-    from miner.java import anserini_jar
-
     return f"analyzer=anserini-default-english;fields=id,contents;jar={anserini_jar().name}"
 
 

@@ -327,8 +327,7 @@ def cache_info(cache_dir: Annotated[Path | None, _CACHE_DIR] = None) -> None:
     root = _cache_root(cache_dir)
     rows = summary(root)
     typer.echo(f"{root}")
-    for name, files, entries, size in rows:
-        unit = "documents" if name.startswith("bm25/") else "vectors" if name.startswith("embeddings/") else "scores"
+    for name, files, entries, unit, size in rows:
         typer.echo(f"  {name:<48} {files:>4} files {entries:>9} {unit:<9} {size / 1e6:>9.1f} MB")
     if not rows:
         typer.echo("  (empty)")

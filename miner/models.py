@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -33,7 +34,7 @@ class ModelRef:
     spec: str
     location: str  # local directory, or the hub id
     origin: str  # "bundled", "local" or "hub"
-    fingerprint: str  # hash of the weight files' names and sizes plus the config files' bytes
+    fingerprint: str  # hash of every model file's name and bytes
 
 
 def resolve_model(spec: str) -> ModelRef:
@@ -64,8 +65,17 @@ def model_key(ref: ModelRef) -> str:
 def _fingerprint(folder: Path) -> str:
     """Hash of every file's name and bytes: caches are keyed by it, and a fine-tuned checkpoint of the same
     architecture has files of exactly the same sizes, so nothing less than the bytes tells it apart."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    # Hashing the weights takes a noticeable fraction of a warm run; a run resolves its model several times.
+    signature = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _hash_files(folder, signature)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(folder: Path, signature: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for name, _, _ in signature:
+        file = Path(name)
         digest.update(str(file.relative_to(folder)).encode())
         with file.open("rb") as handle:
             while chunk := handle.read(1 << 22):
@@ -159,6 +169,11 @@ class ModelHandle(Generic[M]):
             self._model = self._load()
         return self._model
 
+    @classmethod
+    def of(cls, model: M | ModelHandle[M]) -> ModelHandle[M]:
+        """`model` itself if it is a handle already, else a handle over the loaded model."""
+        return model if isinstance(model, ModelHandle) else cls(lambda: model)
+
     @property
     def loaded(self) -> bool:
         return self._model is not None
@@ -200,7 +215,7 @@ def embed_table(
     model_key: str = "",
 ) -> Embeddings:
     """Embed a table's `text`; each distinct text (by `text_hash`) once, and only if the cache lacks it."""
-    handle = model if isinstance(model, ModelHandle) else ModelHandle(lambda: model)
+    handle = ModelHandle.of(model)
     hashes = table.column("text_hash").to_pylist()
     vectors, found, truncated = None, np.zeros(len(hashes), dtype=bool), np.zeros(len(hashes), dtype=bool)
     if cache is not None:

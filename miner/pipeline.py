@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,30 +80,23 @@ def bm25_candidates(data: Ingested, config: MineConfig) -> tuple[pa.Table, dict[
         k1=config.retrieval.bm25_k1,
         b=config.retrieval.bm25_b,
     )
+    build = functools.partial(_index_rows, threads=threads(config))
     if not config.cache:
         with tempfile.TemporaryDirectory(prefix="miner-bm25-") as workdir:
             index_dir = Path(workdir) / "index"
-            candidates.build_bm25_index(data.corpus, index_dir, threads=threads(config))
+            build(data.corpus, index_dir, False)
             return search(index_dir), {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
-    cache = Bm25IndexCache(config.cache_dir)
-    key = cache.key(candidates.bm25_index_settings(), data.corpus)
-    entry = cache.find(key)
-    indexed = 0
-    if entry is None:
-        base = cache.base_for(key, data.corpus)
-        scratch = cache.scratch()
-        try:
-            new_docs = data.corpus
-            if base is not None:
-                cache.copy_into(base[0], scratch)
-                new_docs = data.corpus.filter(pc.is_in(data.corpus["doc_id"], base[1]["doc_id"]))
-            candidates.build_bm25_index(new_docs, scratch, threads=threads(config), append=base is not None)
-            indexed = new_docs.num_rows
-            entry = cache.publish(scratch, key, data.corpus)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    counts = {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
-    return search(entry), counts
+    entry, indexed = Bm25IndexCache(config.cache_dir).index(candidates.bm25_index_settings(), data.corpus, build)
+    return search(entry), {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
+
+
+def _index_rows(rows: pa.Table, folder: Path, append: bool, *, threads: int) -> None:
+    candidates.build_bm25_index(rows, folder, threads=threads, append=append)
+
+
+def _documents(data: Ingested, doc_ids: pa.Array | None) -> pa.Table:
+    """The corpus, or only the documents `doc_ids` names."""
+    return data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
 
 
 def embed(
@@ -118,11 +110,12 @@ def embed(
         torch.set_num_threads(threads(config))
         return load_embedding_model(model_ref, config.show_progress)
 
-    corpus = data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
+    corpus = _documents(data, doc_ids)
+    folder = cache_dir(config)
     options = {
         "batch_size": config.models.batch_size,
         "show_progress": config.show_progress,
-        "cache": EmbeddingCache(cache_dir(config)) if cache_dir(config) else None,
+        "cache": EmbeddingCache(folder) if folder else None,
         "model_key": model_key(model_ref),
     }
     model = ModelHandle(load)
@@ -165,6 +158,7 @@ def teacher_scores(
     embeddings: tuple[Embeddings, Embeddings] | None,
 ) -> pa.Table:
     if teacher_ref is not None:
+        folder = cache_dir(config)
         return score.cross_encoder_scores(
             pairs,
             data.queries,
@@ -172,7 +166,7 @@ def teacher_scores(
             ModelHandle(lambda: load_cross_encoder(teacher_ref, config.show_progress)),
             batch_size=config.models.teacher_batch_size,
             show_progress=config.show_progress,
-            cache=TeacherScoreCache(cache_dir(config)) if cache_dir(config) else None,
+            cache=TeacherScoreCache(folder) if folder else None,
             model_key=model_key(teacher_ref),
         )
     assert embeddings is not None
@@ -200,7 +194,7 @@ def distributed_embeddings(
     data: Ingested, ref: ModelRef, config: MineConfig, shards: ShardRunner, doc_ids: pa.Array | None = None
 ) -> None:
     """Encode what the cache lacks on the workers, shard by shard; `embed` then finds it all cached."""
-    corpus = data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
+    corpus = _documents(data, doc_ids)
     workers = _workers(config, shards)
     for kind, table in (("query", data.queries), ("document", corpus)):
         prefill_embeddings(table, kind=kind, ref=ref, batch_size=config.models.batch_size, workers=workers)

@@ -138,7 +138,7 @@ def cross_encoder_scores(
     Pairs the cache holds are not scored at all (the model is then never loaded); each chunk scored goes to
     the cache as it finishes.
     """
-    handle = model if isinstance(model, ModelHandle) else ModelHandle(lambda: model)
+    handle = ModelHandle.of(model)
     texts = pair_texts(pairs, queries, corpus)
     distinct, chunks = scoring_chunks(texts, cache, model_key)
     scored = [
