@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from miner.export import atomic_write
 from miner.tables import file_sha256
+from miner.vectors import Allocator, in_memory, release
 
 log = logging.getLogger(__name__)
 
@@ -101,28 +102,36 @@ class EmbeddingCache:
     def _store(self, model: str, kind: str) -> _ShardStore:
         return _ShardStore(self.root / "embeddings" / f"{model}-{kind}", ("hashes", "vectors", "truncated"))
 
-    def lookup(self, model: str, kind: str, hashes: list[str]) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    def lookup(
+        self, model: str, kind: str, hashes: list[str], allocate: Allocator | None = in_memory
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """(vectors, found, truncated) for `hashes`; vectors is None when nothing of this model is cached.
 
-        Rows not found are zeros and not truncated.
+        `allocate(rows, width)` makes the array the vectors go into (in memory, or a file on disk); with
+        None only `found` and `truncated` are worked out. Rows not found are zeros and not truncated.
         """
         rows_of: dict[str, list[int]] = {}
         for row, text_hash in enumerate(hashes):
             rows_of.setdefault(text_hash, []).append(row)
         vectors: np.ndarray | None = None
+        width: int | None = None
         found = np.zeros(len(hashes), dtype=bool)
         truncated = np.zeros(len(hashes), dtype=bool)
         for shard in self._store(model, kind).read():
-            if vectors is None:
-                vectors = np.zeros((len(hashes), shard["vectors"].shape[1]), dtype=np.float32)
-            if shard["vectors"].shape[1] != vectors.shape[1]:
+            if width is None:
+                width = shard["vectors"].shape[1]
+                vectors = allocate(len(hashes), width) if allocate is not None else None
+            if shard["vectors"].shape[1] != width:
                 continue
             for row, text_hash in enumerate(shard["hashes"].tolist()):
                 rows = rows_of.pop(text_hash, None)
                 if rows is not None:
-                    vectors[rows] = shard["vectors"][row]
+                    if vectors is not None:
+                        vectors[rows] = shard["vectors"][row]
                     found[rows] = True
                     truncated[rows] = shard["truncated"][row]
+            if vectors is not None:
+                release(vectors)
         return vectors, found, truncated
 
     def store(self, model: str, kind: str, hashes: list[str], vectors: np.ndarray, truncated: np.ndarray) -> None:

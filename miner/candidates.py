@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +19,7 @@ from miner import schema
 from miner.export import atomic_write, write_json_atomic
 from miner.java import anserini_jar, start_jvm
 from miner.tables import file_sha256
+from miner.vectors import exact_top_k
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ def dense_retrieve(
     threads: int,
     spec: DenseIndexSpec = DenseIndexSpec(),
     cache_dir: Path | None = None,
+    exact: ExactSearch | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Dense top-k through the index `spec` picks -> (RETRIEVED, what searched: kind, settings, measured recall).
 
@@ -208,7 +210,8 @@ def dense_retrieve(
     kind = spec.resolve(documents)
     info: dict[str, Any] = {"kind": kind, "requested": spec.kind, "documents": documents}
     if kind == "flat":
-        retrieved = dense_search(query_ids, query_vectors, doc_ids, doc_vectors, k=k, threads=threads)
+        search = exact or exact_search
+        retrieved = dense_search(query_ids, query_vectors, doc_ids, doc_vectors, k=k, threads=threads, exact=search)
         return retrieved, {**info, "exact": True}
     settings = index_settings(kind, documents, spec)
     index, reused = cached_dense_index(kind, doc_vectors, settings, cache_dir=cache_dir, threads=threads)
@@ -346,15 +349,31 @@ def ann_recall(
     index: Any, doc_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int, sample: int, seed: int
 ) -> float:
     """Mean recall@k of `index` against exact search, over `sample` of the queries drawn with `seed`."""
-    import faiss
 
     rows = np.sort(np.random.default_rng(seed).choice(len(query_vectors), size=sample, replace=False))
     chosen = np.ascontiguousarray(query_vectors[rows], dtype=np.float32)
     k = min(k, len(doc_vectors))
-    _, exact = faiss.knn(chosen, np.ascontiguousarray(doc_vectors, dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT)
+    _, exact = exact_top_k(chosen, doc_vectors, k)
     _, approximate = index.search(chosen, k)
     found = sum(np.intersect1d(got, wanted).size for got, wanted in zip(approximate, exact, strict=True))
     return found / (len(rows) * k)
+
+
+# (query vectors, document vectors, k) -> (scores, document rows), each (queries, k), best first.
+ExactSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def query_shards(queries: int) -> list[tuple[int, int]]:
+    """(start, stop) rows of the query shards exact search goes through, here or on Dask workers alike."""
+    return [(start, min(start + QUERY_BATCH, queries)) for start in range(0, queries, QUERY_BATCH)]
+
+
+def exact_search(query_vectors: np.ndarray, doc_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k in this process, a query shard at a time, each over the documents a block at a time."""
+    parts = [exact_top_k(query_vectors[start:stop], doc_vectors, k) for start, stop in query_shards(len(query_vectors))]
+    if not parts:
+        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+    return np.concatenate([scores for scores, _ in parts]), np.concatenate([rows for _, rows in parts])
 
 
 def dense_search(
@@ -366,32 +385,27 @@ def dense_search(
     k: int,
     threads: int,
     index: Any | None = None,
+    exact: ExactSearch = exact_search,
 ) -> pa.Table:
     """Inner-product top-k (cosine on normalised vectors) with faiss -> RETRIEVED.
 
-    Exact unless an `index` built over `doc_vectors` is given (see `dense_retrieve`).
+    Exact (through `exact`, which may spread the query shards over workers) unless an `index` built over
+    `doc_vectors` is given (see `dense_retrieve`).
     """
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    if index is None:
-        # Exact search straight over the array: an IndexFlatIP would hold a second copy of every vector.
-        doc_vectors = np.ascontiguousarray(doc_vectors, dtype=np.float32)
-
-        def search(batch: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            return faiss.knn(batch, doc_vectors, k, faiss.METRIC_INNER_PRODUCT)
-
-    else:
-        search = index.search
     k = min(k, len(doc_ids))
-    rows, scores = [], []
-    for start in range(0, len(query_vectors), QUERY_BATCH):
-        batch = np.ascontiguousarray(query_vectors[start : start + QUERY_BATCH], dtype=np.float32)
-        batch_scores, batch_rows = search(batch, k)
-        rows.append(batch_rows)
-        scores.append(batch_scores)
-    found = np.concatenate(rows) if rows else np.zeros((0, k), dtype=np.int64)
-    similarity = np.concatenate(scores) if scores else np.zeros((0, k), dtype=np.float32)
+    if index is None:
+        similarity, found = exact(query_vectors, doc_vectors, k)
+    else:
+        rows, scores = [], []
+        for start, stop in query_shards(len(query_vectors)):
+            batch_scores, batch_rows = index.search(np.ascontiguousarray(query_vectors[start:stop], np.float32), k)
+            rows.append(batch_rows)
+            scores.append(batch_scores)
+        found = np.concatenate(rows) if rows else np.zeros((0, k), dtype=np.int64)
+        similarity = np.concatenate(scores) if scores else np.zeros((0, k), dtype=np.float32)
     flat = found.reshape(-1)
     valid = flat >= 0  # faiss pads with -1 when it finds fewer than k
     query_rows = np.repeat(np.arange(len(query_vectors)), k)[valid]

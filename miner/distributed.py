@@ -1,9 +1,11 @@
-"""The sharded stages: encoding and cross-encoder scoring, spread over workers (Dask through Prefect).
+"""The sharded stages: encoding, exact dense search and cross-encoder scoring, spread over workers (Dask
+through Prefect).
 
 A shard is one chunk of the same plan the single-process run follows (`models.encoding_chunks`,
-`score.scoring_chunks`), so a distributed run computes exactly the same batches and exactly the same floats.
-Shards travel as Parquet files on a shared path and land in the shared cache; a task returns a count, never a
-table. The stage that follows then finds everything in the cache, exactly as a warm re-run does.
+`candidates.query_shards`, `score.scoring_chunks`), so a distributed run computes exactly the same batches and
+exactly the same floats. Shards travel as files on a shared path; a task returns a count, never a table.
+Encoding and scoring land in the shared cache, and the stage that follows finds everything there, exactly as a
+warm re-run does; search shards are read back and put together in query order.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from miner.cache import EmbeddingCache, TeacherScoreCache
+from miner.candidates import bm25_search, query_shards, ranked
+from miner.export import atomic_write
 from miner.models import (
     ModelRef,
     encode_chunk,
@@ -28,6 +33,7 @@ from miner.models import (
     model_key,
 )
 from miner.score import pair_texts, score_chunk, scoring_chunks
+from miner.vectors import backing_file, exact_top_k
 
 # (stage name, function, list of argument tuples) -> list of results, one per tuple, in order.
 ShardRunner = Callable[[str, Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
@@ -73,6 +79,26 @@ def score_shard(ref: ModelRef, shard: str, batch_size: int, cache_dir: str, mode
     return chunk.height
 
 
+def search_shard(query_vectors: str, doc_vectors: str, start: int, stop: int, k: int, threads: int, out: str) -> int:
+    """Exact top-k of one query shard over every document, read from the `.npy` files a block at a time."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    queries = np.load(query_vectors, mmap_mode="r")[start:stop]
+    scores, rows = exact_top_k(queries, np.load(doc_vectors, mmap_mode="r"), k)
+    with atomic_write(Path(out)) as temporary, temporary.open("wb") as handle:
+        np.savez(handle, scores=scores, rows=rows)
+    return stop - start
+
+
+def bm25_shard(index_dir: str, shard: str, k: int, k1: float, b: float, threads: int, out: str) -> int:
+    """BM25 top-k of one query shard over the index at a shared path (each worker starts its own JVM)."""
+    retrieved = bm25_search(Path(index_dir), pq.read_table(shard), k=k, threads=threads, k1=k1, b=b)
+    with atomic_write(Path(out)) as temporary:
+        pq.write_table(retrieved, temporary)
+    return retrieved.num_rows
+
+
 @dataclass(frozen=True)
 class Workers:
     """Where shards run and meet: the runner, a scratch folder and a cache folder every worker sees."""
@@ -86,7 +112,9 @@ class Workers:
 def prefill_embeddings(table: pa.Table, *, kind: str, ref: ModelRef, batch_size: int, workers: Workers) -> int:
     """Encode what `table` lacks in the cache, one shard per chunk; returns how many texts were encoded."""
     key = model_key(ref)
-    _, found, _ = EmbeddingCache(workers.cache_dir).lookup(key, kind, table.column("text_hash").to_pylist())
+    _, found, _ = EmbeddingCache(workers.cache_dir).lookup(
+        key, kind, table.column("text_hash").to_pylist(), allocate=None
+    )
     rows_of, chunks = encoding_chunks(table, found)
     workers.scratch.mkdir(parents=True, exist_ok=True)
     items = []
@@ -111,6 +139,51 @@ def prefill_teacher_scores(
         chunk.write_parquet(path)
         items.append((ref, str(path), batch_size, str(workers.cache_dir), key, workers.threads))
     return sum(workers.shards("teacher-shard", score_shard, items))
+
+
+def sharded_exact_search(
+    query_vectors: np.ndarray, doc_vectors: np.ndarray, k: int, *, workers: Workers
+) -> tuple[np.ndarray, np.ndarray]:
+    """`candidates.exact_search` with its query shards on the workers; vectors go to them as `.npy` paths."""
+    workers.scratch.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for side, vectors in (("query", query_vectors), ("document", doc_vectors)):
+        path = backing_file(vectors)
+        if path is None:
+            path = workers.scratch / f"search-{side}.npy"
+            np.save(path, vectors)
+        paths.append(str(path))
+    items = [
+        (*paths, start, stop, k, workers.threads, str(workers.scratch / f"search-{number:05d}.npz"))
+        for number, (start, stop) in enumerate(query_shards(len(query_vectors)))
+    ]
+    workers.shards("dense-search", search_shard, items)
+    scores, rows = [], []
+    for item in items:
+        with np.load(item[-1], allow_pickle=False) as shard:
+            scores.append(shard["scores"])
+            rows.append(shard["rows"])
+    if not items:
+        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+    return np.concatenate(scores), np.concatenate(rows)
+
+
+def sharded_bm25_search(
+    index_dir: Path, *, queries: pa.Table, k: int, k1: float, b: float, workers: Workers
+) -> pa.Table:
+    """`candidates.bm25_search` with its query shards on the workers; the same rows, in the same order."""
+    workers.scratch.mkdir(parents=True, exist_ok=True)
+    items = []
+    for number, (start, stop) in enumerate(query_shards(queries.num_rows)):
+        path = workers.scratch / f"bm25-queries-{number:05d}.parquet"
+        pq.write_table(queries.select(["query_id", "text"]).slice(start, stop - start), path)
+        out = workers.scratch / f"bm25-{number:05d}.parquet"
+        items.append((str(index_dir), str(path), k, k1, b, workers.threads, str(out)))
+    workers.shards("bm25-search", bm25_shard, items)
+    found = [pl.read_parquet(item[-1]) for item in items]
+    if not found:
+        return bm25_search(index_dir, queries, k=k, threads=workers.threads, k1=k1, b=b)
+    return ranked(pl.concat(found).select("query_id", "doc_id", "score"))
 
 
 def check_scheduler_reachable(address: str, timeout_s: float = 10.0) -> None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from miner import schema
+from miner.tables import rows_named
 
 NEGATIVES_FILE = "negatives.parquet"
 TRIPLETS_FILE = "triplets.parquet"
@@ -24,7 +25,8 @@ MANIFEST_FILE = "manifest.json"
 
 def training_rows(selected: pa.Table, queries: pa.Table, corpus: pa.Table) -> pa.Table:
     """SELECTED -> NEGATIVES: the ids joined to their texts, in the sampler's order."""
-    texts = pl.from_arrow(corpus.select(["doc_id", "text"]))
+    named = rows_named(corpus, "doc_id", selected["positive_id"], selected["negative_id"])
+    texts = pl.from_arrow(named.select(["doc_id", "text"]))
     frame = (
         pl.from_arrow(selected)
         .join(

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.config import FilterConfig
+from miner.tables import rows_named
 
 RULES = (
     "positive",
@@ -81,7 +82,8 @@ def positive_aware_filter(
     `geometry` (score.positive_geometry) is needed when `config.needs_geometry`.
     """
     positives = positive_scores(qrels, teacher_scores)
-    hashes = pl.from_arrow(corpus.select(["doc_id", "text_hash"]))
+    named = rows_named(corpus, "doc_id", candidates["doc_id"], qrels["doc_id"])
+    hashes = pl.from_arrow(named.select(["doc_id", "text_hash"]))
     positive_hashes = (
         pl.from_arrow(qrels.select(["query_id", "doc_id"]))
         .join(hashes, on="doc_id")

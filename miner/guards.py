@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from miner.candidates import DenseIndexSpec
 from miner.config import MineConfig
 from miner.errors import InputError
 from miner.ingest import Ingested
@@ -113,24 +114,34 @@ def available_memory() -> int | None:
     return None
 
 
-def exact_search_warning(documents: int, width: int, available: int) -> str | None:
-    """A warning when exact dense search over `documents` vectors would take over half the available memory."""
-    needed = documents * width * FLOAT_BYTES * 2  # the vectors, and faiss's copy of them
+def dense_index_warning(documents: int, width: int, kind: str, available: int) -> str | None:
+    """A warning when an approximate index over `documents` vectors would take over half the available memory.
+
+    Exact search needs none: it reads the vectors from the run's file a block at a time (miner/vectors.py).
+    An HNSW or IVF index holds every vector in memory, and building it needs them all at once.
+    """
+    if kind == "flat":
+        return None
+    needed = documents * width * FLOAT_BYTES * 2  # the vectors read in to build, and the index's own copy
     if needed <= available // 2:
         return None
     return (
-        f"exact dense search over {documents:,} documents needs about {human(needed)} of memory and "
-        f"{human(available)} is available; turn dense retrieval off (--no-dense) or run on a larger machine"
+        f"a {kind} index over {documents:,} documents needs about {human(needed)} of memory and "
+        f"{human(available)} is available; use exact search (--dense-index flat), which reads the vectors "
+        "from disk in blocks, or run on a larger machine"
     )
 
 
 def memory_warnings(data: Ingested, config: MineConfig) -> list[str]:
     """Settings whose memory grows with the corpus, when the estimate comes near what the machine has."""
     available = available_memory()
-    if available is None or not config.retrieval.dense:
+    retrieval = config.retrieval
+    if available is None or not retrieval.dense:
         return []
     width = embedding_dimension(resolve_model(config.models.embedding_model))
-    warning = exact_search_warning(data.corpus.num_rows, width, available)
+    documents = data.corpus.num_rows
+    kind = DenseIndexSpec(kind=retrieval.dense_index, ann_threshold=retrieval.ann_threshold).resolve(documents)
+    warning = dense_index_warning(documents, width, kind, available)
     return [warning] if warning else []
 
 

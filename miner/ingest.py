@@ -63,8 +63,16 @@ def _require_ids(frame: pl.DataFrame, column: str, source: Source, what: str) ->
         )
 
 
+# Rows hashed at a time: normalising the text for its hash copies it, a slice at a time rather than the corpus.
+HASH_SLICE = 65_536
+
+
 def _with_hash(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.with_columns(text_hash=text_hash(pl.col("text")))
+    hashes = [
+        frame.slice(start, HASH_SLICE).select(text_hash=text_hash(pl.col("text"))).get_column("text_hash")
+        for start in range(0, frame.height, HASH_SLICE)
+    ]
+    return frame.with_columns(pl.concat(hashes) if hashes else pl.Series("text_hash", [], pl.String))
 
 
 def _blank(column: str) -> pl.Expr:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute
 
 from miner.errors import InputError
+from miner.vectors import Allocator, in_memory, release
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
@@ -233,16 +234,20 @@ def embed_table(
     show_progress: bool,
     cache: EmbeddingCache | None = None,
     model_key: str = "",
+    allocate: Allocator = in_memory,
 ) -> Embeddings:
-    """Embed a table's `text`; each distinct text (by `text_hash`) once, and only if the cache lacks it."""
+    """Embed a table's `text`; each distinct text (by `text_hash`) once, and only if the cache lacks it.
+
+    `allocate` makes the matrix the vectors go into: `vectors.on_disk` keeps a large corpus out of memory.
+    """
     handle = ModelHandle.of(model)
     hashes = table.column("text_hash").to_pylist()
     vectors, found, truncated = None, np.zeros(len(hashes), dtype=bool), np.zeros(len(hashes), dtype=bool)
     if cache is not None:
-        vectors, found, truncated = cache.lookup(model_key, kind, hashes)
+        vectors, found, truncated = cache.lookup(model_key, kind, hashes, allocate)
     rows_of, chunks = encoding_chunks(table, found)
     if chunks and vectors is None:
-        vectors = np.zeros((len(hashes), handle.model.get_embedding_dimension() or 0), dtype=np.float32)
+        vectors = allocate(len(hashes), handle.model.get_embedding_dimension() or 0)
     # Chunks go to the cache as they finish, so a killed run re-encodes at most one chunk.
     for chunk in chunks:
         texts = table.column("text").take(pa.array([rows_of[text_hash][0] for text_hash in chunk]))
@@ -252,8 +257,9 @@ def embed_table(
             truncated[rows_of[text_hash]] = cut
         if cache is not None:
             cache.store(model_key, kind, chunk, fresh, over)
+        release(vectors)
     if vectors is None:  # an empty table
-        vectors = np.zeros((0, handle.model.get_embedding_dimension() or 0), dtype=np.float32)
+        vectors = in_memory(0, handle.model.get_embedding_dimension() or 0)
     return Embeddings(table.column(id_column), vectors, encoded=len(rows_of), truncated=int(truncated.sum()))
 
 

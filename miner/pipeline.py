@@ -21,7 +21,14 @@ import pyarrow.compute as pc
 from miner import candidates, sample, score
 from miner.cache import Bm25IndexCache, EmbeddingCache, TeacherScoreCache
 from miner.config import MineConfig
-from miner.distributed import ShardRunner, Workers, prefill_embeddings, prefill_teacher_scores
+from miner.distributed import (
+    ShardRunner,
+    Workers,
+    prefill_embeddings,
+    prefill_teacher_scores,
+    sharded_bm25_search,
+    sharded_exact_search,
+)
 from miner.errors import InputError
 from miner.filter import filter_counts, positive_aware_filter
 from miner.ingest import Ingested
@@ -36,6 +43,8 @@ from miner.models import (
     resolve_model,
 )
 from miner.resume import work_dir
+from miner.tables import rows_named
+from miner.vectors import Allocator, in_memory, on_disk
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -70,23 +79,27 @@ class Selected:
     counts: dict[str, dict[str, int]]
 
 
-def bm25_candidates(data: Ingested, config: MineConfig) -> tuple[pa.Table, dict[str, int]]:
-    """BM25 top-k per query, over an index taken from the cache, grown from a cached one, or built."""
-    search = functools.partial(
-        candidates.bm25_search,
-        queries=data.queries,
-        k=config.retrieval.bm25_k,
-        threads=threads(config),
-        k1=config.retrieval.bm25_k1,
-        b=config.retrieval.bm25_b,
-    )
+def bm25_candidates(
+    data: Ingested, config: MineConfig, shards: ShardRunner | None = None
+) -> tuple[pa.Table, dict[str, int]]:
+    """BM25 top-k per query, over an index taken from the cache, grown from a cached one, or built.
+
+    With `shards`, the query shards are searched on the workers, over the index in the shared cache folder.
+    """
+    settings = {"k": config.retrieval.bm25_k, "k1": config.retrieval.bm25_k1, "b": config.retrieval.bm25_b}
+    if shards is None:
+        search = functools.partial(candidates.bm25_search, queries=data.queries, threads=threads(config), **settings)
+    else:
+        workers = _workers(config, shards)
+        search = functools.partial(sharded_bm25_search, queries=data.queries, workers=workers, **settings)
     build = functools.partial(_index_rows, threads=threads(config))
-    if not config.cache:
+    folder = cache_dir(config)
+    if folder is None:
         with tempfile.TemporaryDirectory(prefix="miner-bm25-") as workdir:
             index_dir = Path(workdir) / "index"
             build(data.corpus, index_dir, False)
             return search(index_dir), {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
-    entry, indexed = Bm25IndexCache(config.cache_dir).index(candidates.bm25_index_settings(), data.corpus, build)
+    entry, indexed = Bm25IndexCache(folder).index(candidates.bm25_index_settings(), data.corpus, build)
     return search(entry), {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
 
 
@@ -96,13 +109,20 @@ def _index_rows(rows: pa.Table, folder: Path, append: bool, *, threads: int) -> 
 
 def _documents(data: Ingested, doc_ids: pa.Array | None) -> pa.Table:
     """The corpus, or only the documents `doc_ids` names."""
-    return data.corpus if doc_ids is None else data.corpus.filter(pc.is_in(data.corpus["doc_id"], doc_ids))
+    return data.corpus if doc_ids is None else rows_named(data.corpus, "doc_id", doc_ids)
 
 
 def embed(
-    data: Ingested, model_ref: ModelRef, config: MineConfig, doc_ids: pa.Array | None = None
+    data: Ingested,
+    model_ref: ModelRef,
+    config: MineConfig,
+    doc_ids: pa.Array | None = None,
+    vectors_dir: Path | None = None,
 ) -> tuple[Embeddings, Embeddings]:
-    """Query and document embeddings; `doc_ids` limits the documents (when only the teacher needs them)."""
+    """Query and document embeddings; `doc_ids` limits the documents (when only the teacher needs them).
+
+    With `vectors_dir` the vectors are `.npy` files there, memory-mapped, rather than arrays in memory.
+    """
 
     def load() -> SentenceTransformer:
         import torch
@@ -119,14 +139,23 @@ def embed(
         "model_key": model_key(model_ref),
     }
     model = ModelHandle(load)
+
+    def allocator(kind: str) -> Allocator:
+        return on_disk(vectors_dir / f"vectors-{kind}.npy") if vectors_dir is not None else in_memory
+
     return (
-        embed_table(model, data.queries, id_column="query_id", kind="query", **options),
-        embed_table(model, corpus, id_column="doc_id", kind="document", **options),
+        embed_table(model, data.queries, id_column="query_id", kind="query", allocate=allocator("query"), **options),
+        embed_table(model, corpus, id_column="doc_id", kind="document", allocate=allocator("document"), **options),
     )
 
 
-def dense_candidates(embeddings: tuple[Embeddings, Embeddings], config: MineConfig) -> tuple[pa.Table, dict[str, Any]]:
-    """Dense top-k per query, and which index searched (for an approximate one, its measured recall)."""
+def dense_candidates(
+    embeddings: tuple[Embeddings, Embeddings], config: MineConfig, shards: ShardRunner | None = None
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Dense top-k per query, and which index searched (for an approximate one, its measured recall).
+
+    With `shards`, exact search runs its query shards on the workers.
+    """
     queries, documents = embeddings
     retrieval = config.retrieval
     spec = candidates.DenseIndexSpec(
@@ -147,6 +176,9 @@ def dense_candidates(embeddings: tuple[Embeddings, Embeddings], config: MineConf
         threads=threads(config),
         spec=spec,
         cache_dir=folder / "dense" if folder else None,
+        exact=candidates.exact_search
+        if shards is None
+        else functools.partial(sharded_exact_search, workers=_workers(config, shards)),
     )
 
 
@@ -210,20 +242,35 @@ def distributed_teacher_scores(
 
 
 def score_candidates(
-    data: Ingested, config: MineConfig, run: StageRunner = run_directly, shards: ShardRunner | None = None
+    data: Ingested,
+    config: MineConfig,
+    run: StageRunner = run_directly,
+    shards: ShardRunner | None = None,
+    vectors_dir: Path | None = None,
 ) -> Scored:
     """BM25 + dense candidates, merged, then teacher scores for every candidate and positive.
 
-    With `shards` (a Dask cluster), encoding and cross-encoder scoring run on its workers first.
+    With `shards` (a Dask cluster), encoding and cross-encoder scoring run on its workers first. With
+    `vectors_dir`, embeddings are kept in files there instead of in memory.
     """
     embedding_ref = resolve_model(config.models.embedding_model)
     teacher_ref = resolve_model(config.models.cross_encoder) if config.models.cross_encoder else None
     retrieval = config.retrieval
-    bm25, bm25_counts = run("bm25", bm25_candidates, data, config) if retrieval.bm25 else (None, {})
+    bm25, bm25_counts = None, {}
+    if retrieval.bm25 and shards is not None:
+        # Not stage tasks, here and for dense search below: their query shards are tasks of their own, which
+        # Prefect runs on the cluster only when the flow itself submits them.
+        bm25, bm25_counts = bm25_candidates(data, config, shards)
+    elif retrieval.bm25:
+        bm25, bm25_counts = run("bm25", bm25_candidates, data, config)
     if shards is not None and retrieval.dense:
         distributed_embeddings(data, embedding_ref, config, shards)
-    embeddings = run("embed", embed, data, embedding_ref, config) if retrieval.dense else None
-    dense, dense_index = run("dense", dense_candidates, embeddings, config) if embeddings else (None, {})
+    embeddings = run("embed", embed, data, embedding_ref, config, None, vectors_dir) if retrieval.dense else None
+    dense, dense_index = None, {}
+    if embeddings is not None and shards is not None:
+        dense, dense_index = dense_candidates(embeddings, config, shards)
+    elif embeddings is not None:
+        dense, dense_index = run("dense", dense_candidates, embeddings, config)
     pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k)
     pairs = score.teacher_pairs(pool, data.qrels)
     if embeddings is None and (teacher_ref is None or config.filter.needs_geometry):
@@ -231,7 +278,7 @@ def score_candidates(
         doc_ids = pc.unique(pairs["doc_id"])
         if shards is not None:
             distributed_embeddings(data, embedding_ref, config, shards, doc_ids=doc_ids)
-        embeddings = run("embed", embed, data, embedding_ref, config, doc_ids=doc_ids)
+        embeddings = run("embed", embed, data, embedding_ref, config, doc_ids, vectors_dir)
     if shards is not None and teacher_ref is not None:
         distributed_teacher_scores(pairs, data, teacher_ref, config, shards)
     scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings)

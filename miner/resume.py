@@ -29,6 +29,7 @@ from miner.errors import disk_full_as_input_error
 from miner.export import atomic_write, write_json_atomic, write_parquet_atomic
 from miner.models import Embeddings
 from miner.tables import file_sha256
+from miner.vectors import backing_file
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +51,46 @@ def run_key(config: MineConfig, input_hashes: dict[str, str]) -> str:
     return hashlib.blake2b(document.encode(), digest_size=16).hexdigest()
 
 
-def _save_embeddings(embeddings: tuple[Embeddings, Embeddings], path: Path, scratch: Path) -> None:
+def _save_embeddings(embeddings: tuple[Embeddings, Embeddings], stage: str, folder: Path) -> list[Path]:
+    """The stage's files: ids and counts, and each side's vectors as a `.npy` file (the one the stage wrote
+    into, when it kept its vectors in this folder: a corpus' vectors are not copied a second time)."""
     queries, documents = embeddings
-    with atomic_write(path, scratch) as temporary, temporary.open("wb") as handle:
+    files = []
+    for side, vectors in (("query", queries.vectors), ("document", documents.vectors)):
+        backing = backing_file(vectors)
+        if backing is not None and backing.parent == folder.resolve():
+            files.append(backing)
+            continue
+        path = folder / f"{stage}.{side}.npy"
+        with atomic_write(path, folder) as temporary, temporary.open("wb") as handle:
+            np.save(handle, vectors)
+        files.append(path)
+    ids = folder / f"{stage}.ids.npz"
+    with atomic_write(ids, folder) as temporary, temporary.open("wb") as handle:
         np.savez(
             handle,
             query_ids=np.asarray(queries.ids.to_pylist(), dtype=str),
-            query_vectors=queries.vectors,
             doc_ids=np.asarray(documents.ids.to_pylist(), dtype=str),
-            doc_vectors=documents.vectors,
             encoded=np.asarray([queries.encoded, documents.encoded]),
             truncated=np.asarray([queries.truncated, documents.truncated]),
         )
+    return [ids, *files]
 
 
-def _load_embeddings(path: Path) -> tuple[Embeddings, Embeddings]:
-    with np.load(path, allow_pickle=False) as stored:
+def _load_embeddings(ids: Path, query_vectors: Path, doc_vectors: Path) -> tuple[Embeddings, Embeddings]:
+    with np.load(ids, allow_pickle=False) as stored:
         encoded, truncated = stored["encoded"].tolist(), stored["truncated"].tolist()
-        return (
-            Embeddings(
-                pa.array(stored["query_ids"].tolist(), pa.string()), stored["query_vectors"], encoded[0], truncated[0]
-            ),
-            Embeddings(
-                pa.array(stored["doc_ids"].tolist(), pa.string()), stored["doc_vectors"], encoded[1], truncated[1]
-            ),
-        )
+        query_ids, doc_ids = stored["query_ids"].tolist(), stored["doc_ids"].tolist()
+    # Memory-mapped, as the run that wrote them kept them.
+    return (
+        Embeddings(pa.array(query_ids, pa.string()), _vectors(query_vectors), encoded[0], truncated[0]),
+        Embeddings(pa.array(doc_ids, pa.string()), _vectors(doc_vectors), encoded[1], truncated[1]),
+    )
+
+
+def _vectors(path: Path) -> np.ndarray:
+    vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    return vectors if vectors.size else np.asarray(vectors)
 
 
 class StageStore:
@@ -113,12 +129,12 @@ class StageStore:
                     log.warning("checkpoint %s of stage %s is damaged; running the stage again", name, stage)
                     return False, None
             kind = record["kind"]
-            path = self.folder / next(iter(record["files"]))
+            paths = [self.folder / name for name in record["files"]]
             if kind == "table":
-                return True, pq.read_table(path)
+                return True, pq.read_table(paths[0])
             if kind == "table+counts":
-                return True, (pq.read_table(path), record["counts"])
-            return True, _load_embeddings(path)
+                return True, (pq.read_table(paths[0]), record["counts"])
+            return True, _load_embeddings(*paths)
         except (OSError, ValueError, KeyError, TypeError, StopIteration):
             return False, None
 
@@ -127,17 +143,17 @@ class StageStore:
         """Keep `result` if it is a kind the store knows; the record goes last, after the data is in place."""
         counts = None
         if isinstance(result, pa.Table):
-            kind, path = "table", self.folder / f"{stage}.parquet"
-            write_parquet_atomic(result, path, scratch=self.folder)
+            kind, paths = "table", [self.folder / f"{stage}.parquet"]
+            write_parquet_atomic(result, paths[0], scratch=self.folder)
         elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], pa.Table):
-            kind, path, counts = "table+counts", self.folder / f"{stage}.parquet", result[1]
-            write_parquet_atomic(result[0], path, scratch=self.folder)
+            kind, paths, counts = "table+counts", [self.folder / f"{stage}.parquet"], result[1]
+            write_parquet_atomic(result[0], paths[0], scratch=self.folder)
         elif isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, Embeddings) for r in result):
-            kind, path = "embeddings", self.folder / f"{stage}.npz"
-            _save_embeddings(result, path, self.folder)
+            kind, paths = "embeddings", _save_embeddings(result, stage, self.folder)
         else:
             return
-        record = {"stage": stage, "key": self.key, "kind": kind, "files": {path.name: file_sha256(path)}}
+        files = {path.name: file_sha256(path) for path in paths}
+        record = {"stage": stage, "key": self.key, "kind": kind, "files": files}
         if counts is not None:
             record["counts"] = counts
         write_json_atomic(record, self._record_path(stage), scratch=self.folder)

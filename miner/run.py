@@ -104,7 +104,7 @@ def mine(
         store = StageStore(config.out, run_key(config, data.input_hashes))
         resumed: list[str] = []
         stage = resumable(run, store, resumed, skip=frozenset({"export"}))
-        scored = score_candidates(data, config, stage, shards)
+        scored = score_candidates(data, config, stage, shards, vectors_dir=store.folder)
         chosen = select_negatives(scored, data, config, stage)
         manifest = stage("export", write_outputs, data, scored, chosen, config, timings, resumed)
         store.finish()

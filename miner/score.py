@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.models import Embeddings, ModelHandle
+from miner.tables import rows_named
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -77,7 +78,7 @@ def pair_texts(pairs: pa.Table, queries: pa.Table, corpus: pa.Table) -> pl.DataF
             how="left",
         )
         .join(
-            pl.from_arrow(corpus.select(["doc_id", "text", "text_hash"])).rename(
+            pl.from_arrow(rows_named(corpus, "doc_id", pairs["doc_id"]).select(["doc_id", "text", "text_hash"])).rename(
                 {"text": "passage", "text_hash": "passage_hash"}
             ),
             on="doc_id",

@@ -224,3 +224,16 @@ def normalised(text: pl.Expr) -> pl.Expr:
 def text_hash(text: pl.Expr) -> pl.Expr:
     """Stable content hash of the normalised text (blake2b-128, hex); polars' own hash is not stable."""
     return normalised(text).map_batches(_blake2b_batch, return_dtype=pl.String, is_elementwise=True)
+
+
+def rows_named(table: pa.Table, column: str, *ids: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """The rows of `table` whose `column` is among `ids`: joins against a corpus then copy only the
+    documents they need, not every text of a corpus that may not fit in memory twice."""
+    import pyarrow.compute as pc
+
+    wanted = pc.unique(pa.chunked_array([chunk for values in ids for chunk in _chunks(values)], pa.string()))
+    return table.filter(pc.is_in(table[column], value_set=wanted))
+
+
+def _chunks(values: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return list(values.chunks) if isinstance(values, pa.ChunkedArray) else [values]

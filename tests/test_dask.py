@@ -15,10 +15,19 @@ from conftest import run_cli
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
+def _task_runs(api: str, name: str) -> list[dict]:
+    import httpx
+
+    found = httpx.post(f"{api}/task_runs/filter", json={"task_runs": {"name": {"like_": name}}}, timeout=30)
+    found.raise_for_status()
+    return found.json()
+
+
 def test_two_dask_workers_write_the_same_rows_as_one_process(
-    tiny_beir: Path, tiny_cross_encoder: Path, tmp_path: Path
+    tiny_beir: Path, tiny_cross_encoder: Path, tmp_path: Path, prefect_server: str
 ) -> None:
-    # The sharded stages are encoding and cross-encoder scoring: use both, with no cache shared between runs.
+    # The sharded stages are encoding, BM25 and exact dense search, and cross-encoder scoring: use them all,
+    # with no cache shared between runs.
     common = [tiny_beir, "-q", "--no-cache", "--cross-encoder", tiny_cross_encoder, "--num-negatives", "3"]
     code, _, err = run_cli("mine", *common, "--out", tmp_path / "local", "--engine", "local")
     assert code == 0, err
@@ -29,6 +38,10 @@ def test_two_dask_workers_write_the_same_rows_as_one_process(
         assert single.num_rows > 0
         assert spread.equals(single), name  # row for row, scores to the last bit
     assert not (tmp_path / ".dask.miner-work").exists()  # shards and their scratch cache are gone
+    # Each ran as Prefect tasks on the cluster, and each of them completed.
+    for shard in ("encode-document", "bm25-search", "dense-search", "teacher-shard"):
+        states = {run["state_type"] for run in _task_runs(prefect_server, shard)}
+        assert states == {"COMPLETED"}, (shard, states)
 
 
 def _closed_port() -> int:

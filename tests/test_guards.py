@@ -3,15 +3,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from miner.config import load_config
-from miner.guards import available_memory, disk_needs, exact_search_warning
+from miner.guards import available_memory, dense_index_warning, disk_needs
 from miner.ingest import ingest
 
 
-def test_exact_search_warns_past_half_the_memory_and_names_the_way_out() -> None:
-    # 10M passages x 384 floats, twice (vectors and faiss's copy): about 28.6 GB.
-    warning = exact_search_warning(10_000_000, 384, available=24 * 2**30)
-    assert warning is not None and "10,000,000 documents needs about 28.6 GB" in warning and "--no-dense" in warning
-    assert exact_search_warning(1_398, 384, available=24 * 2**30) is None
+def test_an_approximate_index_warns_past_half_the_memory_and_names_the_way_out() -> None:
+    # 10M passages x 384 floats, twice (the vectors read in to build, and the index's copy): about 28.6 GB.
+    warning = dense_index_warning(10_000_000, 384, "hnsw", available=24 * 2**30)
+    assert warning is not None and "hnsw index over 10,000,000 documents needs about 28.6 GB" in warning
+    assert "--dense-index flat" in warning
+    assert dense_index_warning(1_398, 384, "ivf", available=24 * 2**30) is None
+    # Exact search reads the vectors from disk in blocks: no size is too large for memory.
+    assert dense_index_warning(10_000_000, 384, "flat", available=24 * 2**30) is None
     assert available_memory() is not None  # this machine reports MemAvailable
 
 
