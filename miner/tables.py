@@ -231,7 +231,10 @@ def rows_named(table: pa.Table, column: str, *ids: pa.Array | pa.ChunkedArray) -
     documents they need, not every text of a corpus that may not fit in memory twice."""
     import pyarrow.compute as pc
 
-    wanted = pc.unique(pa.chunked_array([chunk for values in ids for chunk in _chunks(values)], pa.string()))
+    # Ids may come as string, large_string or string_view (polars hands the last two back): compare as the
+    # table's own type.
+    kind = table.schema.field(column).type
+    wanted = pc.unique(pa.chunked_array([chunk.cast(kind) for values in ids for chunk in _chunks(values)], kind))
     return table.filter(pc.is_in(table[column], value_set=wanted))
 
 

@@ -1,4 +1,5 @@
-"""Embedding matrices on disk: exact search over blocks, read without mapping the whole file in."""
+"""Embedding matrices on disk (exact search over blocks, read without mapping the whole file in), and joins
+that copy only the documents they name."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from miner.tables import rows_named
 from miner.vectors import blocks, exact_top_k, file_backed, on_disk
 
 
@@ -115,3 +118,11 @@ def test_rows_written_through_the_mapping_are_dropped_by_release(tmp_path: Path)
     assert released < 16 * 2**20  # ...until they are released
     stored = np.load(tmp_path / "filled.npy", mmap_mode="r")
     assert stored.shape == (174_762, 384) and float(stored[-1, -1]) == 1.0 and float(stored[0, 0]) == 1.0
+
+
+@pytest.mark.parametrize("kind", [pa.string(), pa.large_string(), pa.string_view()])
+def test_rows_named_takes_ids_of_any_string_type(kind: pa.DataType) -> None:
+    corpus = pa.table({"doc_id": pa.array(["a", "b", "c", "d"]), "text": pa.array(["A", "B", "C", "D"])})
+    named = rows_named(corpus, "doc_id", pa.array(["c", "a", "c"], kind), pa.chunked_array([pa.array(["a"], kind)]))
+    assert named.column("text").to_pylist() == ["A", "C"]  # the table's order, each row once
+    assert rows_named(corpus, "doc_id", pa.array([], kind)).num_rows == 0
