@@ -19,7 +19,7 @@ from miner import schema
 from miner.export import atomic_write, write_json_atomic
 from miner.java import anserini_jar, start_jvm
 from miner.tables import file_sha256
-from miner.vectors import exact_top_k
+from miner.vectors import exact_top_k, stacked
 
 log = logging.getLogger(__name__)
 
@@ -370,10 +370,8 @@ def query_shards(queries: int) -> list[tuple[int, int]]:
 
 def exact_search(query_vectors: np.ndarray, doc_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k in this process, a query shard at a time, each over the documents a block at a time."""
-    parts = [exact_top_k(query_vectors[start:stop], doc_vectors, k) for start, stop in query_shards(len(query_vectors))]
-    if not parts:
-        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
-    return np.concatenate([scores for scores, _ in parts]), np.concatenate([rows for _, rows in parts])
+    shards = query_shards(len(query_vectors))
+    return stacked([exact_top_k(query_vectors[start:stop], doc_vectors, k) for start, stop in shards], k)
 
 
 def dense_search(
@@ -399,13 +397,9 @@ def dense_search(
     if index is None:
         similarity, found = exact(query_vectors, doc_vectors, k)
     else:
-        rows, scores = [], []
-        for start, stop in query_shards(len(query_vectors)):
-            batch_scores, batch_rows = index.search(np.ascontiguousarray(query_vectors[start:stop], np.float32), k)
-            rows.append(batch_rows)
-            scores.append(batch_scores)
-        found = np.concatenate(rows) if rows else np.zeros((0, k), dtype=np.int64)
-        similarity = np.concatenate(scores) if scores else np.zeros((0, k), dtype=np.float32)
+        shards = query_shards(len(query_vectors))
+        batches = [np.ascontiguousarray(query_vectors[start:stop], np.float32) for start, stop in shards]
+        similarity, found = stacked([index.search(batch, k) for batch in batches], k)
     flat = found.reshape(-1)
     valid = flat >= 0  # faiss pads with -1 when it finds fewer than k
     query_rows = np.repeat(np.arange(len(query_vectors)), k)[valid]

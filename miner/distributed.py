@@ -33,7 +33,7 @@ from miner.models import (
     model_key,
 )
 from miner.score import pair_texts, score_chunk, scoring_chunks
-from miner.vectors import backing_file, exact_top_k
+from miner.vectors import backing_file, exact_top_k, stacked
 
 # (stage name, function, list of argument tuples) -> list of results, one per tuple, in order.
 ShardRunner = Callable[[str, Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
@@ -158,14 +158,11 @@ def sharded_exact_search(
         for number, (start, stop) in enumerate(query_shards(len(query_vectors)))
     ]
     workers.shards("dense-search", search_shard, items)
-    scores, rows = [], []
+    parts = []
     for item in items:
         with np.load(item[-1], allow_pickle=False) as shard:
-            scores.append(shard["scores"])
-            rows.append(shard["rows"])
-    if not items:
-        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
-    return np.concatenate(scores), np.concatenate(rows)
+            parts.append((shard["scores"], shard["rows"]))
+    return stacked(parts, k)
 
 
 def sharded_bm25_search(

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from miner.candidates import DenseIndexSpec
 from miner.config import MineConfig
 from miner.errors import InputError
 from miner.ingest import Ingested
 from miner.manifest import nearest_existing
 from miner.models import ModelRef, resolve_model
+from miner.pipeline import dense_index_spec
 from miner.resume import work_dir
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,11 @@ def dense_index_warning(documents: int, width: int, kind: str, available: int) -
 def memory_warnings(data: Ingested, config: MineConfig) -> list[str]:
     """Settings whose memory grows with the corpus, when the estimate comes near what the machine has."""
     available = available_memory()
-    retrieval = config.retrieval
-    if available is None or not retrieval.dense:
+    if available is None or not config.retrieval.dense:
         return []
     width = embedding_dimension(resolve_model(config.models.embedding_model))
     documents = data.corpus.num_rows
-    kind = DenseIndexSpec(kind=retrieval.dense_index, ann_threshold=retrieval.ann_threshold).resolve(documents)
+    kind = dense_index_spec(config).resolve(documents)
     warning = dense_index_warning(documents, width, kind, available)
     return [warning] if warning else []
 

@@ -157,28 +157,30 @@ def dense_candidates(
     With `shards`, exact search runs its query shards on the workers.
     """
     queries, documents = embeddings
-    retrieval = config.retrieval
-    spec = candidates.DenseIndexSpec(
-        kind=retrieval.dense_index,
-        ann_threshold=retrieval.ann_threshold,
-        hnsw_m=retrieval.hnsw_m,
-        hnsw_ef_search=retrieval.hnsw_ef_search,
-        ivf_nprobe=retrieval.ivf_nprobe,
-        recall_queries=retrieval.ann_recall_queries,
-    )
     folder = cache_dir(config)
     return candidates.dense_retrieve(
         queries.ids,
         queries.vectors,
         documents.ids,
         documents.vectors,
-        k=retrieval.dense_k,
+        k=config.retrieval.dense_k,
         threads=threads(config),
-        spec=spec,
+        spec=dense_index_spec(config),
         cache_dir=folder / "dense" if folder else None,
-        exact=candidates.exact_search
-        if shards is None
-        else functools.partial(sharded_exact_search, workers=_workers(config, shards)),
+        exact=None if shards is None else functools.partial(sharded_exact_search, workers=_workers(config, shards)),
+    )
+
+
+def dense_index_spec(config: MineConfig) -> candidates.DenseIndexSpec:
+    """Which faiss index the settings ask for (exact, or HNSW/IVF above a corpus size), and how to search it."""
+    retrieval = config.retrieval
+    return candidates.DenseIndexSpec(
+        kind=retrieval.dense_index,
+        ann_threshold=retrieval.ann_threshold,
+        hnsw_m=retrieval.hnsw_m,
+        hnsw_ef_search=retrieval.hnsw_ef_search,
+        ivf_nprobe=retrieval.ivf_nprobe,
+        recall_queries=retrieval.ann_recall_queries,
     )
 
 
@@ -241,6 +243,12 @@ def distributed_teacher_scores(
     prefill_teacher_scores(pairs, data.queries, data.corpus, ref=ref, batch_size=batch_size, workers=workers)
 
 
+def searched(run: StageRunner, shards: ShardRunner | None, name: str, stage: Callable[..., Any], *args: Any) -> Any:
+    """A retrieval stage: through `run`, or with `shards` called here with them. Its query shards are then
+    tasks of their own, which Prefect runs on the cluster only when the flow itself submits them, not a task."""
+    return run(name, stage, *args) if shards is None else stage(*args, shards)
+
+
 def score_candidates(
     data: Ingested,
     config: MineConfig,
@@ -256,21 +264,13 @@ def score_candidates(
     embedding_ref = resolve_model(config.models.embedding_model)
     teacher_ref = resolve_model(config.models.cross_encoder) if config.models.cross_encoder else None
     retrieval = config.retrieval
-    bm25, bm25_counts = None, {}
-    if retrieval.bm25 and shards is not None:
-        # Not stage tasks, here and for dense search below: their query shards are tasks of their own, which
-        # Prefect runs on the cluster only when the flow itself submits them.
-        bm25, bm25_counts = bm25_candidates(data, config, shards)
-    elif retrieval.bm25:
-        bm25, bm25_counts = run("bm25", bm25_candidates, data, config)
+    bm25, bm25_counts = searched(run, shards, "bm25", bm25_candidates, data, config) if retrieval.bm25 else (None, {})
     if shards is not None and retrieval.dense:
         distributed_embeddings(data, embedding_ref, config, shards)
     embeddings = run("embed", embed, data, embedding_ref, config, None, vectors_dir) if retrieval.dense else None
     dense, dense_index = None, {}
-    if embeddings is not None and shards is not None:
-        dense, dense_index = dense_candidates(embeddings, config, shards)
-    elif embeddings is not None:
-        dense, dense_index = run("dense", dense_candidates, embeddings, config)
+    if embeddings is not None:
+        dense, dense_index = searched(run, shards, "dense", dense_candidates, embeddings, config)
     pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k)
     pairs = score.teacher_pairs(pool, data.qrels)
     if embeddings is None and (teacher_ref is None or config.filter.needs_geometry):

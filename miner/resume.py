@@ -83,14 +83,9 @@ def _load_embeddings(ids: Path, query_vectors: Path, doc_vectors: Path) -> tuple
         query_ids, doc_ids = stored["query_ids"].tolist(), stored["doc_ids"].tolist()
     # Memory-mapped, as the run that wrote them kept them.
     return (
-        Embeddings(pa.array(query_ids, pa.string()), _vectors(query_vectors), encoded[0], truncated[0]),
-        Embeddings(pa.array(doc_ids, pa.string()), _vectors(doc_vectors), encoded[1], truncated[1]),
+        Embeddings(pa.array(query_ids, pa.string()), np.load(query_vectors, mmap_mode="r"), encoded[0], truncated[0]),
+        Embeddings(pa.array(doc_ids, pa.string()), np.load(doc_vectors, mmap_mode="r"), encoded[1], truncated[1]),
     )
-
-
-def _vectors(path: Path) -> np.ndarray:
-    vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    return vectors if vectors.size else np.asarray(vectors)
 
 
 class StageStore:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -229,8 +230,6 @@ def text_hash(text: pl.Expr) -> pl.Expr:
 def rows_named(table: pa.Table, column: str, *ids: pa.Array | pa.ChunkedArray) -> pa.Table:
     """The rows of `table` whose `column` is among `ids`: joins against a corpus then copy only the
     documents they need, not every text of a corpus that may not fit in memory twice."""
-    import pyarrow.compute as pc
-
     # Ids may come as string, large_string or string_view (polars hands the last two back): compare as the
     # table's own type.
     kind = table.schema.field(column).type

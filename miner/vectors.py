@@ -89,6 +89,13 @@ def blocks(vectors: np.ndarray, rows_per_block: int | None = None) -> Iterator[t
             yield start, np.fromfile(handle, dtype=np.float32, count=count * width).reshape(count, width)
 
 
+def stacked(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shard (scores, rows) results, one after another in query order; empty (0, k) arrays for none."""
+    if not parts:
+        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+    return np.concatenate([scores for scores, _ in parts]), np.concatenate([rows for _, rows in parts])
+
+
 def exact_top_k(
     queries: np.ndarray, documents: np.ndarray, k: int, rows_per_block: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
