@@ -39,25 +39,38 @@ RESULTS = ROOT / "bench" / "results"
 MEMORY_WORK = ROOT / "bench" / "work" / "run-memory"
 DIMENSION = 384
 
-# Runs `miner mine` in this process and prints, as its last lines, each stage's peak so far and the run's peak
-# RSS, whatever the exit. The stage runner is wrapped only to read /proc/self/status after each stage.
+# Runs `miner mine` in this process and prints, as its last lines, the peak anonymous memory sampled during each
+# stage (every 20 ms: memory no file backs, which the kernel cannot drop), each stage's peak RSS so far and the
+# run's peak RSS (which also counts pages of mapped files: the corpus, the vectors), whatever the exit. The stage
+# runner is wrapped only to know which stage is running and to read /proc/self/status after each.
 MEASURED_RUN = """
-import json, sys
+import json, sys, threading, time
 import miner.run
 from miner.cli import app
-def peak():
+def status():
+    values = {}
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-stages = {}
+        name, _, rest = line.partition(":")
+        if name in ("VmHWM", "RssAnon", "RssFile"):
+            values[name] = int(rest.split()[0]) * 1024
+    return values
+stages, anon, current = {}, {}, ["start"]
+def sample():
+    while True:
+        now = status()["RssAnon"]
+        anon[current[0]] = max(anon.get(current[0], 0), now)
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
 plain = miner.run.timed
 def timed(run, timings):
     inner = plain(run, timings)
     def run_stage(name, *args, **kwargs):
+        current[0] = name
         try:
             return inner(name, *args, **kwargs)
         finally:
-            stages[name] = peak()
+            stages[name] = status()["VmHWM"]
+            current[0] = "after " + name
     return run_stage
 miner.run.timed = timed
 code = 0
@@ -65,8 +78,9 @@ try:
     app(sys.argv[1:], prog_name="miner")
 except SystemExit as stop:
     code = stop.code or 0
+print("ANON", json.dumps(anon))
 print("STAGES", json.dumps(stages))
-print("PEAK", peak(), "EXIT", code)
+print("PEAK", status()["VmHWM"], "EXIT", code)
 """
 
 
@@ -142,8 +156,11 @@ def measured_run(pairs: Path, corpus: Path, cache: Path, out: Path, tree: Path) 
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
     stages = json.loads(lines[-2].removeprefix("STAGES "))
+    anonymous = json.loads(lines[-3].removeprefix("ANON "))
     return {
         "peak_rss_bytes": int(last[1]),
+        "peak_anon_bytes": max(anonymous.values(), default=0),
+        "peak_anon_by_stage_bytes": anonymous,
         "peak_after_stage_bytes": stages,
         "peak_reached_in": peak_reached_in(stages),
         "wall_s": wall,
@@ -153,21 +170,34 @@ def measured_run(pairs: Path, corpus: Path, cache: Path, out: Path, tree: Path) 
     }
 
 
+def _anonymous(run: dict[str, Any]) -> str:
+    """Peak anonymous memory and its stage; runs recorded before the sampler existed have neither."""
+    by_stage = run.get("peak_anon_by_stage_bytes")
+    if not by_stage:
+        return "not measured | "
+    stage = max(by_stage, key=by_stage.get)
+    return f"{run['peak_anon_bytes'] / 2**30:.2f} GB | {stage}"
+
+
 def report(runs: list[dict[str, Any]]) -> str:
     lines = [
         "# Peak memory of a whole `miner mine` run, by corpus size",
         "",
         "Written by `bench/run_memory.py`. Dense only, bi-encoder teacher, embedding cache pre-filled with random",
         "unit vectors (encoding 1M passages takes hours here), so the run computes no embedding; everything else",
-        "is the real run. Peak RSS is the run process's own VmHWM.",
+        "is the real run. Peak RSS is the run process's own VmHWM: it counts the pages of mapped files it touched",
+        "(the corpus' Arrow file, the vectors' `.npy` files), which the kernel may drop. Peak anonymous memory",
+        "(RssAnon, sampled every 20 ms) is what no file backs; the stage named is where it peaked.",
         "",
-        "| code | documents | queries | peak RSS | per 1k documents | peak reached in | wall s | negatives | when |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| code | documents | queries | peak RSS | per 1k documents | peak reached in | peak anonymous | in stage "
+        "| wall s | negatives | when |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         lines.append(
             f"| {run['label']} | {run['documents']:,} | {run['queries']:,} | {run['peak_rss_bytes'] / 2**30:.2f} GB | "
             f"{run['peak_rss_bytes'] / 2**20 / (run['documents'] / 1000):.1f} MB | {run.get('peak_reached_in', '?')} | "
+            f"{_anonymous(run)} | "
             f"{run['wall_s']:.0f} | "
             f"{run['negatives']:,} | {run['date']} |"
         )

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,12 @@ KINDS = ("embeddings", "teacher", "bm25", "dense")  # dense: saved faiss indexes
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MINER_CACHE_DIR", Path.home() / ".cache" / "hardneg-miner"))
+
+
+def _strings(values: list[str] | pa.Array | pa.ChunkedArray) -> pl.Series:
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        return pl.Series(values.cast(pa.large_string()), dtype=pl.String)
+    return pl.Series(values, dtype=pl.String)
 
 
 def _checksum(*arrays: np.ndarray) -> str:
@@ -61,9 +67,9 @@ class _ShardStore:
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob("shard-*.npz")) if self.folder.is_dir() else []
 
-    def read(self) -> list[dict[str, np.ndarray]]:
-        """Every intact shard; damaged ones are removed with a warning."""
-        intact = []
+    def read(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every intact shard, one at a time (a cache may hold more than memory); damaged ones are removed with a
+        warning."""
         for shard in self.shards():
             try:
                 with np.load(shard, allow_pickle=False) as stored:
@@ -76,8 +82,7 @@ class _ShardStore:
                 log.warning("cache shard %s failed its checksum; discarding it and computing again", shard)
                 shard.unlink(missing_ok=True)
                 continue
-            intact.append(arrays)
-        return intact
+            yield arrays
 
     def write(self, **arrays: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -103,35 +108,38 @@ class EmbeddingCache:
         return _ShardStore(self.root / "embeddings" / f"{model}-{kind}", ("hashes", "vectors", "truncated"))
 
     def lookup(
-        self, model: str, kind: str, hashes: list[str], allocate: Allocator | None = in_memory
+        self,
+        model: str,
+        kind: str,
+        hashes: list[str] | pa.Array | pa.ChunkedArray,
+        allocate: Allocator | None = in_memory,
     ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """(vectors, found, truncated) for `hashes`; vectors is None when nothing of this model is cached.
 
         `allocate(rows, width)` makes the array the vectors go into (in memory, or a file on disk); with
-        None only `found` and `truncated` are worked out. Rows not found are zeros and not truncated.
+        None only `found` and `truncated` are worked out. Rows not found are zeros and not truncated. A hash in
+        several shards takes the first shard's vector.
         """
-        rows_of: dict[str, list[int]] = {}
-        for row, text_hash in enumerate(hashes):
-            rows_of.setdefault(text_hash, []).append(row)
+        wanted = pl.DataFrame({"text_hash": _strings(hashes)}).with_row_index("row")
         vectors: np.ndarray | None = None
         width: int | None = None
-        found = np.zeros(len(hashes), dtype=bool)
-        truncated = np.zeros(len(hashes), dtype=bool)
+        found = np.zeros(wanted.height, dtype=bool)
+        truncated = np.zeros(wanted.height, dtype=bool)
         for shard in self._store(model, kind).read():
             if width is None:
                 width = shard["vectors"].shape[1]
-                vectors = allocate(len(hashes), width) if allocate is not None else None
+                vectors = allocate(wanted.height, width) if allocate is not None else None
             if shard["vectors"].shape[1] != width:
                 continue
-            for row, text_hash in enumerate(shard["hashes"].tolist()):
-                rows = rows_of.pop(text_hash, None)
-                if rows is not None:
-                    if vectors is not None:
-                        vectors[rows] = shard["vectors"][row]
-                    found[rows] = True
-                    truncated[rows] = shard["truncated"][row]
+            held = pl.DataFrame({"text_hash": shard["hashes"]}).with_row_index("at").unique("text_hash", keep="first")
+            hits = wanted.join(held, on="text_hash", how="inner")
+            rows, at = hits["row"].to_numpy(), hits["at"].to_numpy()
+            rows, at = rows[~found[rows]], at[~found[rows]]
             if vectors is not None:
+                vectors[rows] = shard["vectors"][at]
                 release(vectors)
+            found[rows] = True
+            truncated[rows] = shard["truncated"][at]
         return vectors, found, truncated
 
     def store(self, model: str, kind: str, hashes: list[str], vectors: np.ndarray, truncated: np.ndarray) -> None:
@@ -154,20 +162,23 @@ class TeacherScoreCache:
 
     def lookup(self, model: str, pairs: pl.DataFrame) -> pl.DataFrame:
         """`pairs` (query_hash, passage_hash) -> the same rows with `teacher_score`, null where not cached."""
-        shards = self._store(model).read()
-        if not shards:
-            return pairs.with_columns(teacher_score=pl.lit(None, pl.Float32))
-        cached = pl.concat(
-            pl.DataFrame(
+        keys = ["query_hash", "passage_hash"]
+        scored = pairs.with_columns(teacher_score=pl.lit(None, pl.Float32))
+        # Shard by shard, the first shard holding a pair giving its score: the cache may hold more than memory.
+        for shard in self._store(model).read():
+            held = pl.DataFrame(
                 {
                     "query_hash": shard["query_hashes"],
                     "passage_hash": shard["passage_hashes"],
-                    "teacher_score": shard["scores"].astype(np.float32),
+                    "held_score": shard["scores"].astype(np.float32),
                 }
+            ).unique(keys, keep="first")
+            scored = (
+                scored.join(held, on=keys, how="left", maintain_order="left")
+                .with_columns(teacher_score=pl.coalesce("teacher_score", "held_score"))
+                .drop("held_score")
             )
-            for shard in shards
-        ).unique(["query_hash", "passage_hash"], keep="first")
-        return pairs.join(cached, on=["query_hash", "passage_hash"], how="left", maintain_order="left")
+        return scored
 
     def store(self, model: str, scored: pl.DataFrame) -> None:
         if scored.height:

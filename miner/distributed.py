@@ -112,9 +112,7 @@ class Workers:
 def prefill_embeddings(table: pa.Table, *, kind: str, ref: ModelRef, batch_size: int, workers: Workers) -> int:
     """Encode what `table` lacks in the cache, one shard per chunk; returns how many texts were encoded."""
     key = model_key(ref)
-    _, found, _ = EmbeddingCache(workers.cache_dir).lookup(
-        key, kind, table.column("text_hash").to_pylist(), allocate=None
-    )
+    _, found, _ = EmbeddingCache(workers.cache_dir).lookup(key, kind, table.column("text_hash"), allocate=None)
     rows_of, chunks = encoding_chunks(table, found)
     workers.scratch.mkdir(parents=True, exist_ok=True)
     items = []

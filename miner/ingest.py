@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.errors import InputError
-from miner.tables import Source, file_sha256, read_text_table, text_hash
+from miner.tables import Source, TableSpool, file_sha256, read_text_table, text_blocks, text_hash
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,14 @@ def ingest(
     queries: Path | None = None,
     min_relevance: int = 1,
     skip_unknown: bool = False,
+    spill: Path | None = None,
 ) -> Ingested:
+    """Read and validate the input; with `spill`, the corpus goes a block at a time to an Arrow file in that folder
+    and comes back memory-mapped, so ingest holds one block of texts, not the corpus."""
     if data.is_dir():
-        return read_beir(data, split=split, min_relevance=min_relevance, skip_unknown=skip_unknown)
+        return read_beir(data, split=split, min_relevance=min_relevance, skip_unknown=skip_unknown, spill=spill)
     if data.is_file():
-        return read_pairs(data, corpus=corpus, queries=queries, skip_unknown=skip_unknown)
+        return read_pairs(data, corpus=corpus, queries=queries, skip_unknown=skip_unknown, spill=spill)
     raise InputError(data, "no such file or folder", "give a BEIR folder or a pairs table (.jsonl/.csv/.parquet)")
 
 
@@ -48,18 +51,28 @@ def ingest(
 
 
 def _require_ids(frame: pl.DataFrame, column: str, source: Source, what: str) -> None:
-    indexed = frame.with_row_index("_i")
-    empty = indexed.filter(pl.col(column).is_null() | (pl.col(column).str.strip_chars() == ""))
+    _require_filled_ids(frame, column, source, what, 0)
+    _require_unique_ids(frame[column], source, what)
+
+
+def _require_filled_ids(frame: pl.DataFrame, column: str, source: Source, what: str, offset: int) -> None:
+    """No empty id among `frame`'s rows, which start at row `offset` of the file."""
+    empty = frame.with_row_index("_i").filter(_blank(column))
     if empty.height:
-        raise source.fail(int(empty["_i"][0]), f"empty {what} id", f"give every {what} a non-empty '{column}'")
-    duplicated = indexed.filter(pl.col(column).is_duplicated()).sort("_i")
+        raise source.fail(offset + int(empty["_i"][0]), f"empty {what} id", f"give every {what} a non-empty '{column}'")
+
+
+def _require_unique_ids(ids: pl.Series, source: Source, what: str) -> None:
+    """`ids`, every row's id in file order, name each row once."""
+    indexed = ids.rename("id").to_frame().with_row_index("_i")
+    duplicated = indexed.filter(pl.col("id").is_duplicated()).sort("_i")
     if duplicated.height:
         first = duplicated.row(0, named=True)
-        again = duplicated.filter(pl.col(column) == first[column]).row(1, named=True)
+        again = duplicated.filter(pl.col("id") == first["id"]).row(1, named=True)
         first_place = source.fail(int(first["_i"]), "", "")
         where = f"line {first_place.line}" if first_place.line is not None else f"row {first_place.row}"
         raise source.fail(
-            int(again["_i"]), f"duplicate {what} id '{first[column]}' (first at {where})", "make ids unique"
+            int(again["_i"]), f"duplicate {what} id '{first['id']}' (first at {where})", "make ids unique"
         )
 
 
@@ -113,22 +126,52 @@ def _document_text(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(doc_id=pl.col("_id"), text=text)
 
 
-def read_beir_corpus(path: Path) -> tuple[pl.DataFrame, pl.Series]:
-    """corpus.jsonl -> CORPUS rows, and the ids of the empty documents that were skipped."""
-    frame, source = read_text_table(path, ["_id", "text"], optional=("title",))
-    _require_ids(frame, "_id", source, "document")
-    frame = _document_text(frame)
+@dataclass(frozen=True)
+class Documents:
+    """What reading a corpus file leaves in memory: its documents' keys; their texts went to the spool."""
+
+    keys: pl.DataFrame  # (doc_id, text_hash) of every document with text, in file order
+    empty_ids: pl.Series  # documents without text, skipped
+
+
+def spool_documents(
+    path: Path, spool: TableSpool, *, columns: list[str], optional: tuple[str, ...], id_column: str | None
+) -> Documents:
+    """Read a corpus file a block at a time into `spool` as CORPUS rows (title joined to text, hashed).
+
+    `id_column` None picks the first of CORPUS_ID_COLUMNS the file has. Only the ids of all blocks are held
+    together, to find a duplicate wherever it is.
+    """
+    source, blocks = text_blocks(path, columns, optional)
+    ids: list[pl.Series] = []
+    keys: list[pl.DataFrame] = []
+    empty: list[pl.Series] = []
+    for block in blocks:
+        if id_column is None:
+            id_column = _pick(block.columns, CORPUS_ID_COLUMNS)
+            if id_column is None or "text" not in block.columns:
+                raise InputError(
+                    path,
+                    f"a corpus table needs an id column ({', '.join(CORPUS_ID_COLUMNS)}) and 'text'",
+                    "add or rename those columns",
+                )
+        block = block.with_columns(pl.lit(None, pl.String).alias(c) for c in (id_column, "text") if c not in block)
+        _require_filled_ids(block, id_column, source, "document", sum(map(len, ids)))
+        ids.append(block[id_column])
+        documents = _document_text(block.rename({id_column: "_id"}) if id_column != "_id" else block)
+        empty.append(documents.filter(_blank("text"))["doc_id"])
+        documents = _with_hash(documents.filter(~_blank("text")))
+        spool.write(schema.conform(documents, schema.CORPUS))
+        keys.append(documents.select("doc_id", "text_hash"))
+    _require_unique_ids(pl.concat(ids), source, "document")
+    empty_ids = pl.concat(empty)
     # Empty documents occur in real BEIR corpora (Cranfield has two); they can be neither positive nor
     # negative, so they are skipped and counted instead of refusing the whole corpus.
-    empty_ids = frame.filter(_blank("text"))["doc_id"]
     if empty_ids.len():
         log.warning(
             "%s: skipping %d empty documents (ids %s)", path, empty_ids.len(), ", ".join(empty_ids.head(5).to_list())
         )
-    frame = frame.filter(~_blank("text"))
-    if frame.height == 0:
-        raise InputError(path, "the corpus has no document with text", "add documents")
-    return _with_hash(frame), empty_ids
+    return Documents(pl.concat(keys), empty_ids)
 
 
 def read_beir_queries(path: Path) -> pl.DataFrame:
@@ -170,19 +213,26 @@ def _known_only(
     return qrels.filter(pl.col(column).is_in(known.implode())), unknown.height
 
 
-def read_beir(folder: Path, *, split: str | None, min_relevance: int, skip_unknown: bool) -> Ingested:
+def read_beir(
+    folder: Path, *, split: str | None, min_relevance: int, skip_unknown: bool, spill: Path | None = None
+) -> Ingested:
     corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
     qrels_path = _choose_split(folder, split)
     for path in (corpus_path, queries_path):
         if not path.is_file():
             raise InputError(path, "file not found", "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/")
-    corpus, empty_ids = read_beir_corpus(corpus_path)
-    queries = read_beir_queries(queries_path)
-    qrels, source = read_qrels(qrels_path)
+    with TableSpool(schema.CORPUS, spill) as spool:
+        documents = spool_documents(corpus_path, spool, columns=["_id", "text"], optional=("title",), id_column="_id")
+        if documents.keys.height == 0:
+            raise InputError(corpus_path, "the corpus has no document with text", "add documents")
+        queries = read_beir_queries(queries_path)
+        qrels, source = read_qrels(qrels_path)
+        corpus = spool.table()
     judged = qrels.height
 
     # An empty (skipped) document is known, not unknown: its judgements are dropped and counted.
-    all_doc_ids = pl.concat([corpus["doc_id"], empty_ids])
+    empty_ids = documents.empty_ids
+    all_doc_ids = pl.concat([documents.keys["doc_id"], empty_ids])
     qrels, unknown_queries = _known_only(qrels, source, "query_id", queries["query_id"], "query", skip_unknown)
     qrels, unknown_documents = _known_only(qrels, source, "doc_id", all_doc_ids, "document", skip_unknown)
     judging_empty = qrels.filter(pl.col("doc_id").is_in(empty_ids.implode())).height
@@ -199,7 +249,7 @@ def read_beir(folder: Path, *, split: str | None, min_relevance: int, skip_unkno
             qrels_path, f"no judgement with score >= {min_relevance}", "lower --min-relevance or check the qrels file"
         )
     counts = {
-        "documents": corpus.height,
+        "documents": corpus.num_rows,
         "documents_empty_skipped": empty_ids.len(),
         "queries": queries.height,
         "qrels_rows": judged,
@@ -211,7 +261,7 @@ def read_beir(folder: Path, *, split: str | None, min_relevance: int, skip_unkno
 
 
 def _ingested(
-    corpus: pl.DataFrame, queries: pl.DataFrame, positives: pl.DataFrame, counts: dict[str, int], files: list[Path]
+    corpus: pa.Table, queries: pl.DataFrame, positives: pl.DataFrame, counts: dict[str, int], files: list[Path]
 ) -> Ingested:
     """The stage's result: only queries that have a positive, tables in their contract schemas."""
     with_positive = queries.filter(pl.col("query_id").is_in(positives["query_id"].implode()))
@@ -233,22 +283,9 @@ def _pick(columns: list[str], names: tuple[str, ...]) -> str | None:
     return next((name for name in names if name in columns), None)
 
 
-def read_corpus_table(path: Path) -> pl.DataFrame:
-    """A corpus given next to a pairs table: an id column (_id, doc_id or id), text, optional title."""
-    frame, source = read_text_table(path, [], optional=(*CORPUS_ID_COLUMNS, "text", "title"))
-    id_column = _pick(frame.columns, CORPUS_ID_COLUMNS)
-    if id_column is None or "text" not in frame.columns:
-        raise InputError(
-            path,
-            f"a corpus table needs an id column ({', '.join(CORPUS_ID_COLUMNS)}) and 'text'",
-            "add or rename those columns",
-        )
-    frame = frame.rename({id_column: "_id"}) if id_column != "_id" else frame
-    _require_ids(frame, "_id", source, "document")
-    return _with_hash(_document_text(frame).filter(~_blank("text")))
-
-
-def read_pairs(path: Path, *, corpus: Path | None, queries: Path | None, skip_unknown: bool) -> Ingested:
+def read_pairs(
+    path: Path, *, corpus: Path | None, queries: Path | None, skip_unknown: bool, spill: Path | None = None
+) -> Ingested:
     """A table of (query, positive) rows, by text or by id; several rows per query give several positives.
 
     Positive texts missing from the corpus are added to it (with an id derived from their content), so
@@ -277,39 +314,16 @@ def read_pairs(path: Path, *, corpus: Path | None, queries: Path | None, skip_un
         if blank.height:
             raise source.fail(int(blank["_i"][0]), f"empty '{column}'", "fill it in or remove the row")
 
-    documents = (
-        read_corpus_table(corpus)
-        if corpus is not None
-        else pl.DataFrame(schema={"doc_id": pl.String, "text": pl.String, "text_hash": pl.String})
-    )
-    added = 0
-    if positive_text is not None:
-        given = _with_hash(
-            rows.select(
-                "_i", doc_id=pl.col(positive_id) if positive_id else pl.lit(None, pl.String), text=pl.col(positive_text)
+    with TableSpool(schema.CORPUS, spill) as spool:
+        documents = (
+            spool_documents(corpus, spool, columns=[], optional=(*CORPUS_ID_COLUMNS, "text", "title"), id_column=None)
+            if corpus is not None
+            else Documents(
+                pl.DataFrame(schema={"doc_id": pl.String, "text_hash": pl.String}), pl.Series("doc_id", [], pl.String)
             )
         )
-        new = (
-            given.join(documents.select("text_hash"), on="text_hash", how="anti")
-            .with_columns(doc_id=pl.coalesce("doc_id", pl.lit("p-") + pl.col("text_hash").str.slice(0, 16)))
-            .unique("doc_id", keep="first", maintain_order=True)
-        )
-        clash = new.join(documents.select("doc_id"), on="doc_id", how="semi")
-        if clash.height:
-            raise source.fail(
-                int(clash["_i"][0]),
-                f"positive_id '{clash['doc_id'][0]}' names a corpus document with a different text",
-                "fix the id or the text",
-            )
-        added = new.height
-        documents = pl.concat([documents, new.select("doc_id", "text", "text_hash")])
-        # A positive given as text is the corpus document with that content.
-        by_hash = documents.unique("text_hash", keep="first", maintain_order=True).select("text_hash", "doc_id")
-        rows = rows.with_columns(
-            _positive=given.join(by_hash, on="text_hash", how="left", suffix="_corpus").sort("_i")["doc_id_corpus"]
-        )
-    else:
-        rows = rows.with_columns(_positive=pl.col(positive_id))
+        rows, keys, added = _positive_ids(rows, source, positive_text, positive_id, documents.keys, spool)
+        documents_table = spool.table()
 
     if query_text is not None:
         rows = rows.with_columns(
@@ -325,12 +339,13 @@ def read_pairs(path: Path, *, corpus: Path | None, queries: Path | None, skip_un
 
     qrels = rows.select("_i", query_id=pl.col("_query"), doc_id=pl.col("_positive"), relevance=pl.lit(1, pl.Int32))
     qrels, unknown_queries = _known_only(qrels, source, "query_id", query_table["query_id"], "query", skip_unknown)
-    qrels, unknown_documents = _known_only(qrels, source, "doc_id", documents["doc_id"], "document", skip_unknown)
+    qrels, unknown_documents = _known_only(qrels, source, "doc_id", keys["doc_id"], "document", skip_unknown)
     positives = qrels.drop("_i").unique(["query_id", "doc_id"]).sort("query_id", "doc_id")
     if positives.height == 0:
         raise source.whole("no pair is left after skipping unknown ids", "check the ids")
     counts = {
-        "documents": documents.height,
+        "documents": documents_table.num_rows,
+        "documents_empty_skipped": documents.empty_ids.len(),
         "documents_added_from_pairs": added,
         "pairs_rows": pairs.height,
         "queries": query_table.height,
@@ -338,4 +353,41 @@ def read_pairs(path: Path, *, corpus: Path | None, queries: Path | None, skip_un
         "qrels_unknown_document_skipped": unknown_documents,
     }
     files = [p for p in (path, corpus, queries) if p is not None]
-    return _ingested(documents, query_table, positives, counts, files)
+    return _ingested(documents_table, query_table, positives, counts, files)
+
+
+def _positive_ids(
+    rows: pl.DataFrame,
+    source: Source,
+    positive_text: str | None,
+    positive_id: str | None,
+    keys: pl.DataFrame,
+    spool: TableSpool,
+) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """`rows` with `_positive`, the document id of each row's positive; positives given as text that the corpus
+    lacks are added to `spool`. Returns the rows, the keys of every document, and how many were added."""
+    if positive_text is None:
+        return rows.with_columns(_positive=pl.col(positive_id)), keys, 0
+    given = _with_hash(
+        rows.select(
+            "_i", doc_id=pl.col(positive_id) if positive_id else pl.lit(None, pl.String), text=pl.col(positive_text)
+        )
+    )
+    new = (
+        given.join(keys.select("text_hash"), on="text_hash", how="anti")
+        .with_columns(doc_id=pl.coalesce("doc_id", pl.lit("p-") + pl.col("text_hash").str.slice(0, 16)))
+        .unique("doc_id", keep="first", maintain_order=True)
+    )
+    clash = new.join(keys.select("doc_id"), on="doc_id", how="semi")
+    if clash.height:
+        raise source.fail(
+            int(clash["_i"][0]),
+            f"positive_id '{clash['doc_id'][0]}' names a corpus document with a different text",
+            "fix the id or the text",
+        )
+    spool.write(schema.conform(new, schema.CORPUS))
+    keys = pl.concat([keys, new.select("doc_id", "text_hash")])
+    # A positive given as text is the corpus document with that content.
+    by_hash = keys.unique("text_hash", keep="first", maintain_order=True)
+    positive = given.join(by_hash, on="text_hash", how="left", suffix="_corpus").sort("_i")["doc_id_corpus"]
+    return rows.with_columns(_positive=positive), keys, new.height

@@ -193,9 +193,13 @@ def encoding_chunks(table: pa.Table, found: np.ndarray) -> tuple[dict[str, list[
     batches and get exactly the same floats.
     """
     rows_of: dict[str, list[int]] = {}
-    for row, text_hash in enumerate(table.column("text_hash").to_pylist()):
-        if not found[row]:
-            rows_of.setdefault(text_hash, []).append(row)
+    # Only the rows still to encode go through Python: a warm run over a million documents has none.
+    missing_rows = np.flatnonzero(~found)
+    if len(missing_rows) == 0:
+        return rows_of, []
+    missing_hashes = table.column("text_hash").take(missing_rows).to_pylist()
+    for row, text_hash in zip(missing_rows.tolist(), missing_hashes, strict=True):
+        rows_of.setdefault(text_hash, []).append(row)
     lengths = pa.compute.utf8_length(table.column("text")).to_numpy(zero_copy_only=False)
     missing = sorted(rows_of, key=lambda text_hash: (-lengths[rows_of[text_hash][0]], text_hash))
     return rows_of, [missing[start : start + ENCODE_CHUNK] for start in range(0, len(missing), ENCODE_CHUNK)]
@@ -247,13 +251,13 @@ def embed_table(
     `allocate` makes the matrix the vectors go into: `vectors.on_disk` keeps a large corpus out of memory.
     """
     handle = ModelHandle.of(model)
-    hashes = table.column("text_hash").to_pylist()
-    vectors, found, truncated = None, np.zeros(len(hashes), dtype=bool), np.zeros(len(hashes), dtype=bool)
+    rows = table.num_rows
+    vectors, found, truncated = None, np.zeros(rows, dtype=bool), np.zeros(rows, dtype=bool)
     if cache is not None:
-        vectors, found, truncated = cache.lookup(model_key, kind, hashes, allocate)
+        vectors, found, truncated = cache.lookup(model_key, kind, table.column("text_hash"), allocate)
     rows_of, chunks = encoding_chunks(table, found)
     if chunks and vectors is None:
-        vectors = allocate(len(hashes), handle.model.get_embedding_dimension() or 0)
+        vectors = allocate(rows, handle.model.get_embedding_dimension() or 0)
     # Chunks go to the cache as they finish, so a killed run re-encodes at most one chunk.
     for chunk in chunks:
         texts = table.column("text").take(pa.array([rows_of[text_hash][0] for text_hash in chunk]))

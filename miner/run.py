@@ -15,6 +15,7 @@ from typing import Any
 from miner import export, formats
 from miner.config import MineConfig
 from miner.distributed import ShardRunner
+from miner.errors import disk_full_as_input_error
 from miner.guards import check_resources
 from miner.ingest import Ingested, ingest
 from miner.lock import output_lock
@@ -38,6 +39,7 @@ def timed(run: StageRunner, timings: dict[str, float]) -> StageRunner:
     return run_timed
 
 
+@disk_full_as_input_error
 def ingest_from_config(config: MineConfig) -> Ingested:
     return ingest(
         config.data,
@@ -46,6 +48,7 @@ def ingest_from_config(config: MineConfig) -> Ingested:
         queries=config.queries,
         min_relevance=config.min_relevance,
         skip_unknown=config.skip_unknown,
+        spill=work_dir(config.out),
     )
 
 

@@ -11,13 +11,12 @@ import pyarrow as pa
 from miner import schema
 from miner.models import Embeddings, ModelHandle
 from miner.tables import rows_named
+from miner.vectors import gathered, row_dots
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
 
     from miner.cache import TeacherScoreCache
-
-_ROW_CHUNK = 65_536
 
 
 def teacher_pairs(candidates: pa.Table, qrels: pa.Table) -> pa.Table:
@@ -53,12 +52,7 @@ def bi_encoder_scores(
     missing = frame.filter(pl.col("query_id_row").is_null() | pl.col("doc_id_row").is_null())
     if missing.height:
         raise schema.SchemaError(f"{missing.height} pairs have no embedding, e.g. {missing.row(0)}")
-    q_rows = frame["query_id_row"].to_numpy()
-    d_rows = frame["doc_id_row"].to_numpy()
-    scores = np.empty(frame.height, dtype=np.float32)
-    for start in range(0, frame.height, _ROW_CHUNK):
-        stop = start + _ROW_CHUNK
-        scores[start:stop] = np.einsum("ij,ij->i", query_vectors[q_rows[start:stop]], doc_vectors[d_rows[start:stop]])
+    scores = row_dots(query_vectors, frame["query_id_row"].to_numpy(), doc_vectors, frame["doc_id_row"].to_numpy())
     return schema.conform(frame.select("query_id", "doc_id").with_columns(teacher_score=scores), schema.TEACHER_SCORES)
 
 
@@ -176,7 +170,7 @@ def positive_geometry(
     if positives.height:
         rows = positives["query_id_row"].to_numpy()
         sums = np.zeros_like(expanded)
-        np.add.at(sums, rows, documents.vectors[positives["doc_id_row"].to_numpy()])
+        np.add.at(sums, rows, gathered(documents.vectors, positives["doc_id_row"].to_numpy()))
         counts = np.bincount(rows, minlength=len(expanded)).astype(np.float32)[:, None]
         expanded += weight * np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
@@ -185,16 +179,15 @@ def positive_geometry(
         .join(q_rows, on="query_id", how="left")
         .join(d_rows, on="doc_id", how="left")
     )
-    candidate_vectors = documents.vectors[frame["doc_id_row"].to_numpy()]
-    expanded_scores = np.einsum("ij,ij->i", expanded[frame["query_id_row"].to_numpy()], candidate_vectors)
+    expanded_scores = row_dots(
+        expanded, frame["query_id_row"].to_numpy(), documents.vectors, frame["doc_id_row"].to_numpy()
+    )
     # Nearest positive: one row per (candidate, positive of its query), then the max per candidate.
     pairs = frame.with_row_index("candidate").join(
         positives.select("query_id", positive_row="doc_id_row"), on="query_id", how="inner"
     )
-    cosines = np.einsum(
-        "ij,ij->i",
-        documents.vectors[pairs["doc_id_row"].to_numpy()],
-        documents.vectors[pairs["positive_row"].to_numpy()],
+    cosines = row_dots(
+        documents.vectors, pairs["doc_id_row"].to_numpy(), documents.vectors, pairs["positive_row"].to_numpy()
     )
     nearest = np.full(frame.height, -1.0, dtype=np.float32)
     np.maximum.at(nearest, pairs["candidate"].to_numpy(), cosines.astype(np.float32))

@@ -6,9 +6,13 @@ we scan it line by line, to tell the user exactly which line is wrong and why.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,122 +65,190 @@ def file_format(path: Path) -> str:
     return fmt
 
 
+# A large table is read a block at a time: this many bytes of JSONL/CSV, or this many Parquet rows. Ingest then
+# holds one block's frames, not the corpus.
+BLOCK_BYTES = 32 * 2**20
+BLOCK_ROWS = 65_536
+
+
 def read_text_table(path: Path, columns: list[str], optional: tuple[str, ...] = ()) -> tuple[pl.DataFrame, Source]:
-    """Read `columns` (required) and `optional` columns of a table file as text.
+    """Read `columns` (required) and `optional` columns of a table file as text, the whole file at once.
 
     Numbers are accepted and turned into text (ids are often numeric); nested values are refused.
+    """
+    source, blocks = text_blocks(path, columns, optional, whole=True)
+    return next(iter(blocks)), source
+
+
+def text_blocks(
+    path: Path, columns: list[str], optional: tuple[str, ...] = (), *, whole: bool = False
+) -> tuple[Source, Iterator[pl.DataFrame]]:
+    """`read_text_table` a block at a time (one block when `whole`): frames of the file's rows in order.
+
+    Required columns are checked against the first block; a later block that lacks one gets it as nulls, so its
+    rows fail the caller's own checks with their lines. Errors name the file's line or row as a whole read does.
     """
     if not path.is_file():
         raise InputError(path, "file not found", "check the path")
     source = Source(path, file_format(path))
     if path.stat().st_size == 0:
         raise source.whole("file is empty", "give it a header or at least one row")
+    return source, _text_frames(source, columns, optional, whole)
+
+
+def _text_frames(source: Source, columns: list[str], optional: tuple[str, ...], whole: bool) -> Iterator[pl.DataFrame]:
     if source.format == "parquet":
-        table = _read_parquet(source)
+        tables = _read_parquet(source, [*columns, *optional], whole)
     elif source.format == "jsonl":
-        table = _read_jsonl(source, columns + list(optional))
+        tables = _read_jsonl(source, [*columns, *optional], whole)
     else:
-        table = _read_delimited(source)
-    missing = [name for name in columns if name not in table.column_names]
-    if missing:
-        found = ", ".join(table.column_names) or "none"
-        raise source.whole(f"missing column '{missing[0]}' (columns found: {found})", "add or rename that column")
-    wanted = columns + [name for name in optional if name in table.column_names]
+        tables = _read_delimited(source, whole)
+    offset = 0
+    for number, table in enumerate(tables):
+        missing = [name for name in columns if name not in table.column_names]
+        if missing and number == 0:
+            found = ", ".join(table.column_names) or "none"
+            raise source.whole(f"missing column '{missing[0]}' (columns found: {found})", "add or rename that column")
+        yield _as_text(table, source, columns, optional, offset)
+        offset += table.num_rows
+
+
+def _as_text(
+    table: pa.Table, source: Source, columns: list[str], optional: tuple[str, ...], offset: int
+) -> pl.DataFrame:
+    wanted = [name for name in [*columns, *optional] if name in table.column_names]
     frame = pl.from_arrow(table.select(wanted))
     assert isinstance(frame, pl.DataFrame)
     casts = []
     for name in wanted:
-        dtype = frame.schema[name]
-        if dtype.is_nested():
+        if frame.schema[name].is_nested():
             index = frame.with_row_index("_i").filter(pl.col(name).is_not_null())["_i"][0]
-            raise source.fail(int(index), f"column '{name}' holds nested values, not text", "store it as a string")
+            raise source.fail(
+                offset + int(index), f"column '{name}' holds nested values, not text", "store it as a string"
+            )
         casts.append(pl.col(name).cast(pl.String))
-    return frame.select(casts), source
+    absent = [pl.lit(None, pl.String).alias(name) for name in columns if name not in wanted]
+    return frame.select(casts + absent).select([*columns, *(name for name in optional if name in wanted)])
 
 
-def _read_parquet(source: Source) -> pa.Table:
+# Anything pyarrow raises on a damaged file (ArrowInvalid, ArrowNotImplementedError, its OSErrors).
+_UNREADABLE = (pa.ArrowException, OSError)
+
+
+def _read_parquet(source: Source, names: list[str], whole: bool) -> Iterator[pa.Table]:
     try:
-        table = pq.read_table(source.path)
-        table.validate(full=True)
-        return table
-    except (pa.ArrowInvalid, OSError) as error:
+        file = pq.ParquetFile(source.path)
+        present = [name for name in names if name in file.schema_arrow.names]
+        if whole or file.metadata.num_rows == 0:
+            tables: Iterable[pa.Table] = [file.read(columns=present)]
+        else:
+            tables = (pa.Table.from_batches([b]) for b in file.iter_batches(batch_size=BLOCK_ROWS, columns=present))
+        for table in tables:
+            table.validate(full=True)
+            yield table
+    except _UNREADABLE as error:
         raise source.whole(f"not a readable Parquet file ({error})", "rewrite it with a Parquet writer") from None
 
 
-def _read_jsonl(source: Source, columns: list[str]) -> pa.Table:
+def _read_jsonl(source: Source, columns: list[str], whole: bool) -> Iterator[pa.Table]:
+    for first_line, data in _line_blocks(source.path, None if whole else BLOCK_BYTES):
+        yield _parse_jsonl(source, data, first_line, columns)
+
+
+def _line_blocks(path: Path, size: int | None) -> Iterator[tuple[int, bytes]]:
+    """(number of its first line, bytes) of blocks of whole lines of about `size` bytes (None: one block)."""
+    with path.open("rb") as handle:
+        if size is None:
+            yield 1, handle.read()
+            return
+        line, rest = 1, b""
+        while chunk := handle.read(size):
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # a line longer than a block: read on until it ends
+                rest = data
+                continue
+            yield line, data[:cut]
+            line += data.count(b"\n", 0, cut)
+            rest = data[cut:]
+        if rest:
+            yield line, rest
+
+
+def _parse_jsonl(source: Source, data: bytes, first_line: int, columns: list[str]) -> pa.Table:
     try:
-        table = pajson.read_json(source.path)
+        table = pajson.read_json(pa.BufferReader(data))
         table.validate(full=True)  # the JSON reader lets invalid UTF-8 through; this catches it
         # It also reads an object spread over several lines; JSONL is one object per line, and the lines
         # are what errors point at, so such a file goes to the line-by-line scan, which names the line.
         table.schema.names  # noqa: B018 -- and invalid UTF-8 in a key only shows when the names are decoded
-        if table.num_rows == _nonblank_lines(source.path):
+        if table.num_rows == sum(1 for raw in data.split(b"\n") if raw.strip()):
             return table
-        return _scan_jsonl(source, columns)
+        return _scan_jsonl(source, data, first_line, columns)
     except (pa.ArrowInvalid, UnicodeDecodeError):
         # pyarrow reports block-relative rows and refuses mixed types (ids that are sometimes numbers);
-        # scanning the file ourselves finds the exact line or reads what pyarrow would not.
-        return _scan_jsonl(source, columns)
+        # scanning the lines ourselves finds the exact line or reads what pyarrow would not.
+        return _scan_jsonl(source, data, first_line, columns)
 
 
-def _nonblank_lines(path: Path) -> int:
-    with path.open("rb") as handle:
-        return sum(1 for raw in handle if raw.strip())
-
-
-def _scan_jsonl(source: Source, columns: list[str]) -> pa.Table:
+def _scan_jsonl(source: Source, data: bytes, first_line: int, columns: list[str]) -> pa.Table:
     values: dict[str, list[str | None]] = {name: [] for name in columns}
-    with source.path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8").strip())
-            except UnicodeDecodeError as error:
+    for number, raw in enumerate(data.split(b"\n"), start=first_line):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8").strip())
+        except UnicodeDecodeError as error:
+            raise InputError(
+                source.path,
+                f"not valid UTF-8 ({error.reason} at byte {error.start})",
+                "re-encode the file as UTF-8",
+                line=number,
+            ) from None
+        except json.JSONDecodeError as error:
+            raise InputError(
+                source.path,
+                f"not valid JSON ({error.msg} at character {error.pos + 1})",
+                "fix or remove that line",
+                line=number,
+            ) from None
+        if not isinstance(record, dict):
+            raise InputError(source.path, "each line must be a JSON object", "wrap the values in {...}", line=number)
+        for name in columns:
+            value = record.get(name)
+            if isinstance(value, bool | list | dict):
                 raise InputError(
                     source.path,
-                    f"not valid UTF-8 ({error.reason} at byte {error.start})",
-                    "re-encode the file as UTF-8",
+                    f"field '{name}' must be text, got {type(value).__name__}",
+                    "store it as a string",
                     line=number,
-                ) from None
-            except json.JSONDecodeError as error:
-                raise InputError(
-                    source.path,
-                    f"not valid JSON ({error.msg} at character {error.pos + 1})",
-                    "fix or remove that line",
-                    line=number,
-                ) from None
-            if not isinstance(record, dict):
-                raise InputError(
-                    source.path, "each line must be a JSON object", "wrap the values in {...}", line=number
                 )
-            for name in columns:
-                value = record.get(name)
-                if isinstance(value, bool | list | dict):
-                    raise InputError(
-                        source.path,
-                        f"field '{name}' must be text, got {type(value).__name__}",
-                        "store it as a string",
-                        line=number,
-                    )
-                values[name].append(None if value is None else str(value))
+            values[name].append(None if value is None else str(value))
     present = {name: column for name, column in values.items() if any(v is not None for v in column)}
     return pa.table({name: pa.array(column, pa.string()) for name, column in present.items()})
 
 
-def _read_delimited(source: Source) -> pa.Table:
+def _read_delimited(source: Source, whole: bool) -> Iterator[pa.Table]:
     delimiter = "\t" if source.format == "tsv" else ","
     try:
         with source.path.open(encoding="utf-8", newline="") as handle:
             header = next(csv.reader(handle, delimiter=delimiter))
     except UnicodeDecodeError:
         raise InputError(source.path, "not valid UTF-8", "re-encode the file as UTF-8", line=1) from None
+    parse = pacsv.ParseOptions(delimiter=delimiter)
+    convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in header})
     try:
-        return pacsv.read_csv(
-            source.path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=pacsv.ConvertOptions(column_types={name: pa.string() for name in header}),
-        )
+        if whole:
+            yield pacsv.read_csv(source.path, parse_options=parse, convert_options=convert)
+            return
+        read = pacsv.ReadOptions(block_size=BLOCK_BYTES)
+        reader = pacsv.open_csv(source.path, read_options=read, parse_options=parse, convert_options=convert)
+        blocks = 0
+        for batch in reader:
+            blocks += 1
+            yield pa.Table.from_batches([batch])
+        if blocks == 0:
+            yield reader.schema.empty_table()
     except pa.ArrowInvalid as error:
         raise _locate_delimited_error(source, delimiter, len(header), str(error)) from None
 
@@ -239,3 +311,58 @@ def rows_named(table: pa.Table, column: str, *ids: pa.Array | pa.ChunkedArray) -
 
 def _chunks(values: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
     return list(values.chunks) if isinstance(values, pa.ChunkedArray) else [values]
+
+
+class TableSpool:
+    """Tables of one schema appended to an Arrow IPC file, then read back memory-mapped: a table as large as the
+    disk allows that costs the process only the pages it reads. Without a folder, the tables stay in memory.
+
+    The file is unlinked once mapped (the mapping keeps it readable), so it is gone when the process is, however
+    the process ends; a spool left by a killed run is a `.*.tmp` file the next run's work folder clears.
+    """
+
+    def __init__(self, schema: pa.Schema, folder: Path | None) -> None:
+        self.schema = schema
+        self._tables: list[pa.Table] = []
+        self._path: Path | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._made_folder: Path | None = None  # removed again when empty: a refused run leaves nothing behind
+        if folder is not None:
+            if not folder.exists():
+                self._made_folder = folder
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix=".spool-", suffix=".arrow.tmp", dir=folder)
+            os.close(handle)
+            self._path = Path(name)
+            self._writer = pa.ipc.new_file(str(self._path), schema)
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._tables.append(table)
+        else:
+            self._writer.write_table(table)
+
+    def table(self) -> pa.Table:
+        if self._writer is None or self._path is None:
+            return pa.concat_tables(self._tables) if self._tables else self.schema.empty_table()
+        self._writer.close()
+        self._writer = None
+        mapped = pa.ipc.open_file(pa.memory_map(str(self._path))).read_all()
+        self.discard()
+        return mapped
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+        if self._made_folder is not None:
+            with contextlib.suppress(OSError):
+                self._made_folder.rmdir()
+
+    def __enter__(self) -> TableSpool:
+        return self
+
+    def __exit__(self, *failure: object) -> None:
+        self.discard()

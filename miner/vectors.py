@@ -63,6 +63,52 @@ def release(vectors: np.ndarray) -> None:
         base.madvise(mmap.MADV_DONTNEED)
 
 
+# Pairs whose dot products are computed at a time: 6 MB of gathered 384-float rows per side.
+DOT_ROWS = 4096
+
+
+def distinct_rows(vectors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix, positions) with `matrix[positions] == vectors[rows]`: for a file-backed matrix, only the distinct
+    rows asked for, read in one pass of plain block reads.
+
+    Indexing the mapping instead maps whole neighbourhoods of pages into this process (the kernel faults in the
+    pages around each one touched): 2,048 random rows of a 256 MB file left all of it resident. A pass over
+    the file reads about 4 GB/s from the page cache here.
+    """
+    if not file_backed(vectors):
+        return vectors, rows
+    wanted, positions = np.unique(rows, return_inverse=True)
+    picked = np.empty((len(wanted), vectors.shape[1]), dtype=np.float32)
+    if len(wanted):
+        for start, block in blocks(vectors):
+            low, high = np.searchsorted(wanted, [start, start + len(block)])
+            picked[low:high] = block[wanted[low:high] - start]
+            del block  # before the next one is read
+    return picked, positions
+
+
+def gathered(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`vectors[rows]` as an array in memory, without mapping a file-backed matrix's pages in."""
+    matrix, positions = distinct_rows(vectors, rows)
+    return np.asarray(matrix[positions])
+
+
+def row_dots(left: np.ndarray, left_rows: np.ndarray, right: np.ndarray, right_rows: np.ndarray) -> np.ndarray:
+    """`left[left_rows[i]] . right[right_rows[i]]` for every i: the distinct rows are read once, and the products
+    computed a chunk of pairs at a time, so that memory follows the distinct rows, not the number of pairs."""
+    if left is right:  # one pass over the file for both sides
+        matrix, positions = distinct_rows(left, np.concatenate([left_rows, right_rows]))
+        left, left_rows, right, right_rows = matrix, positions[: len(left_rows)], matrix, positions[len(left_rows) :]
+    else:
+        left, left_rows = distinct_rows(left, left_rows)
+        right, right_rows = distinct_rows(right, right_rows)
+    dots = np.empty(len(left_rows), dtype=np.float32)
+    for start in range(0, len(left_rows), DOT_ROWS):
+        stop = start + DOT_ROWS
+        dots[start:stop] = np.einsum("ij,ij->i", left[left_rows[start:stop]], right[right_rows[start:stop]])
+    return dots
+
+
 def block_rows(width: int) -> int:
     return max(1, BLOCK_BYTES // max(1, width * 4))
 

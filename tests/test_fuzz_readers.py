@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import write_beir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import miner.tables
 from miner.errors import InputError
 from miner.ingest import ingest
 
@@ -53,10 +55,10 @@ def mutated(draw: st.DrawFn, original: bytes) -> bytes:
     return data
 
 
-def _ingest_or_refuse(folder: Path) -> object:
+def _ingest_or_refuse(folder: Path, spill: Path | None = None) -> object:
     """The reader's answer: an Ingested, or the InputError, which must be one line naming a file."""
     try:
-        return ingest(folder)
+        return ingest(folder, spill=spill)
     except InputError as error:
         message = str(error)
         assert "\n" not in message and str(folder) in message, message
@@ -82,20 +84,32 @@ def _expected_corpus(raw: bytes) -> dict[str, str] | None:
     return documents
 
 
-@FUZZ
-@given(st.data())
-def test_mutated_corpus_jsonl(data: st.DataObject) -> None:
+def _check_mutated_corpus(data: st.DataObject, spill: bool) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         folder = write_beir(Path(workdir), DOCS, QUERIES, QRELS)
         raw = data.draw(mutated((folder / "corpus.jsonl").read_bytes()))
         (folder / "corpus.jsonl").write_bytes(raw)
-        result = _ingest_or_refuse(folder)
+        result = _ingest_or_refuse(folder, spill=Path(workdir) / "work" if spill else None)
         if isinstance(result, InputError):
             return
         expected = _expected_corpus(raw)
         assert expected is not None, f"accepted a corpus Python's JSON rejects: {raw!r}"
         got = dict(zip(result.corpus["doc_id"].to_pylist(), result.corpus["text"].to_pylist(), strict=True))
         assert got == expected
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_corpus_jsonl(data: st.DataObject) -> None:
+    _check_mutated_corpus(data, spill=False)
+
+
+@settings(FUZZ, max_examples=100)
+@given(st.data())
+def test_mutated_corpus_jsonl_read_in_blocks_of_a_line_or_two(data: st.DataObject) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(miner.tables, "BLOCK_BYTES", 64)
+        _check_mutated_corpus(data, spill=True)
 
 
 @FUZZ
