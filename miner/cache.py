@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from miner.export import atomic_write
 from miner.tables import file_sha256
-from miner.vectors import Allocator, in_memory, release
+from miner.vectors import Allocator, in_memory, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ class EmbeddingCache:
             rows, at = hits["row"].to_numpy(), hits["at"].to_numpy()
             rows, at = rows[~found[rows]], at[~found[rows]]
             if vectors is not None:
-                vectors[rows] = shard["vectors"][at]
-                release(vectors)
+                write_rows(vectors, rows, shard["vectors"][at])
             found[rows] = True
             truncated[rows] = shard["truncated"][at]
         return vectors, found, truncated

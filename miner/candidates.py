@@ -18,7 +18,7 @@ import pyarrow as pa
 from miner import schema
 from miner.export import atomic_write, write_json_atomic
 from miner.java import anserini_jar, start_jvm
-from miner.tables import file_sha256
+from miner.tables import drop_mapped_pages, file_sha256
 from miner.vectors import exact_top_k, stacked
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ def build_bm25_index(
     try:
         for batch in _record_batches(corpus, batch_size):
             # JSON lines, parsed on Lucene's indexing threads: one call into Java per batch, not one per document.
-            indexed += indexer.addRawDocuments(_json_documents(batch))
+            documents = _json_documents(batch)
+            drop_mapped_pages()
+            indexed += indexer.addRawDocuments(documents)
             given += batch.num_rows
             uncommitted += batch.column("text").nbytes
             if uncommitted >= commit_bytes:

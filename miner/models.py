@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute
 
 from miner.errors import InputError
+from miner.tables import drop_mapped_pages, scanned
 from miner.vectors import Allocator, in_memory, release
 
 if TYPE_CHECKING:
@@ -200,7 +201,9 @@ def encoding_chunks(table: pa.Table, found: np.ndarray) -> tuple[dict[str, list[
     missing_hashes = table.column("text_hash").take(missing_rows).to_pylist()
     for row, text_hash in zip(missing_rows.tolist(), missing_hashes, strict=True):
         rows_of.setdefault(text_hash, []).append(row)
-    lengths = pa.compute.utf8_length(table.column("text")).to_numpy(zero_copy_only=False)
+    lengths = np.concatenate(
+        [pa.compute.utf8_length(chunk).to_numpy(zero_copy_only=False) for chunk in scanned(table.column("text"))]
+    )
     missing = sorted(rows_of, key=lambda text_hash: (-lengths[rows_of[text_hash][0]], text_hash))
     return rows_of, [missing[start : start + ENCODE_CHUNK] for start in range(0, len(missing), ENCODE_CHUNK)]
 
@@ -261,6 +264,7 @@ def embed_table(
     # Chunks go to the cache as they finish, so a killed run re-encodes at most one chunk.
     for chunk in chunks:
         texts = table.column("text").take(pa.array([rows_of[text_hash][0] for text_hash in chunk]))
+        drop_mapped_pages()
         fresh, over = encode_chunk(handle.model, texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
         for text_hash, vector, cut in zip(chunk, fresh, over, strict=True):
             vectors[rows_of[text_hash]] = vector

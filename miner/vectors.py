@@ -109,6 +109,19 @@ def row_dots(left: np.ndarray, left_rows: np.ndarray, right: np.ndarray, right_r
     return dots
 
 
+def write_rows(vectors: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """`vectors[rows] = values`; into a file-backed matrix in row order, a chunk at a time, its pages dropped
+    after each. Scattered over the mapping at once, 100,000 rows of a million-row file kept 1.4 GB resident."""
+    if not file_backed(vectors):
+        vectors[rows] = values
+        return
+    order = np.argsort(rows, kind="stable")
+    for start in range(0, len(order), DOT_ROWS):
+        chunk = order[start : start + DOT_ROWS]
+        vectors[rows[chunk]] = values[chunk]
+        release(vectors)
+
+
 def block_rows(width: int) -> int:
     return max(1, BLOCK_BYTES // max(1, width * 4))
 
