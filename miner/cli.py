@@ -75,7 +75,9 @@ def mine(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config; options override it")] = None,
     split: Annotated[str | None, _opt("split", "qrels split (default: train, or the only one)")] = None,
-    corpus: Annotated[Path | None, _opt("corpus", "corpus table for a pairs input")] = None,
+    corpus: Annotated[
+        Path | None, _opt("corpus", "corpus table, or a folder of corpus shards, for a pairs input")
+    ] = None,
     queries: Annotated[Path | None, _opt("queries", "queries table when pairs name queries by id")] = None,
     min_relevance: Annotated[int | None, _opt("min_relevance", "qrels score that counts as positive [1]")] = None,
     skip_unknown: Annotated[

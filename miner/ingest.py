@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.errors import InputError
-from miner.tables import Source, TableSpool, file_sha256, read_text_table, text_blocks, text_hash
+from miner.tables import FORMATS, Source, TableSpool, file_sha256, read_text_table, text_blocks, text_hash
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def ingest(
 
 def _require_ids(frame: pl.DataFrame, column: str, source: Source, what: str) -> None:
     _require_filled_ids(frame, column, source, what, 0)
-    _require_unique_ids(frame[column], source, what)
+    _require_unique_ids([(source, frame[column])], what)
 
 
 def _require_filled_ids(frame: pl.DataFrame, column: str, source: Source, what: str, offset: int) -> None:
@@ -62,18 +62,35 @@ def _require_filled_ids(frame: pl.DataFrame, column: str, source: Source, what: 
         raise source.fail(offset + int(empty["_i"][0]), f"empty {what} id", f"give every {what} a non-empty '{column}'")
 
 
-def _require_unique_ids(ids: pl.Series, source: Source, what: str) -> None:
-    """`ids`, every row's id in file order, name each row once."""
-    indexed = ids.rename("id").to_frame().with_row_index("_i")
-    duplicated = indexed.filter(pl.col("id").is_duplicated()).sort("_i")
+def _require_unique_ids(files: list[tuple[Source, pl.Series]], what: str) -> None:
+    """Every row's id, file by file in order, names one row only."""
+    indexed = pl.concat(
+        [
+            ids.rename("id").to_frame().with_row_index("_i").with_columns(_file=pl.lit(n))
+            for n, (_, ids) in enumerate(files)
+        ]
+    )
+    duplicated = indexed.filter(pl.col("id").is_duplicated())
     if duplicated.height:
         first = duplicated.row(0, named=True)
         again = duplicated.filter(pl.col("id") == first["id"]).row(1, named=True)
-        first_place = source.fail(int(first["_i"]), "", "")
+        first_place = files[first["_file"]][0].fail(int(first["_i"]), "", "")
         where = f"line {first_place.line}" if first_place.line is not None else f"row {first_place.row}"
-        raise source.fail(
+        if first["_file"] != again["_file"]:
+            where = f"{first_place.where} {where}"
+        raise files[again["_file"]][0].fail(
             int(again["_i"]), f"duplicate {what} id '{first['id']}' (first at {where})", "make ids unique"
         )
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """A corpus file, or a folder of corpus shards (.jsonl/.csv/.tsv/.parquet files, read in name order)."""
+    if not path.is_dir():
+        return [path]
+    shards = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+    if not shards:
+        raise InputError(path, "a corpus folder holds no file to read (.jsonl, .csv, .tsv, .parquet)", "add the shards")
+    return shards
 
 
 # Rows hashed at a time: normalising the text for its hash copies it, a slice at a time rather than the corpus.
@@ -137,33 +154,37 @@ class Documents:
 def spool_documents(
     path: Path, spool: TableSpool, *, columns: list[str], optional: tuple[str, ...], id_column: str | None
 ) -> Documents:
-    """Read a corpus file a block at a time into `spool` as CORPUS rows (title joined to text, hashed).
+    """Read a corpus file, or a folder of shards, a block at a time into `spool` as CORPUS rows (title joined to
+    text, hashed).
 
-    `id_column` None picks the first of CORPUS_ID_COLUMNS the file has. Only the ids of all blocks are held
-    together, to find a duplicate wherever it is.
+    `id_column` None picks, in each file, the first of CORPUS_ID_COLUMNS it has. Only the ids of all blocks are
+    held together, to find a duplicate wherever it is.
     """
-    source, blocks = text_blocks(path, columns, optional)
-    ids: list[pl.Series] = []
+    ids: list[tuple[Source, pl.Series]] = []
     keys: list[pl.DataFrame] = []
     empty: list[pl.Series] = []
-    for block in blocks:
-        if id_column is None:
-            id_column = _pick(block.columns, CORPUS_ID_COLUMNS)
-            if id_column is None or "text" not in block.columns:
-                raise InputError(
-                    path,
-                    f"a corpus table needs an id column ({', '.join(CORPUS_ID_COLUMNS)}) and 'text'",
-                    "add or rename those columns",
-                )
-        block = block.with_columns(pl.lit(None, pl.String).alias(c) for c in (id_column, "text") if c not in block)
-        _require_filled_ids(block, id_column, source, "document", sum(map(len, ids)))
-        ids.append(block[id_column])
-        documents = _document_text(block.rename({id_column: "_id"}) if id_column != "_id" else block)
-        empty.append(documents.filter(_blank("text"))["doc_id"])
-        documents = _with_hash(documents.filter(~_blank("text")))
-        spool.write(schema.conform(documents, schema.CORPUS))
-        keys.append(documents.select("doc_id", "text_hash"))
-    _require_unique_ids(pl.concat(ids), source, "document")
+    for file in corpus_files(path):
+        source, blocks = text_blocks(file, columns, optional)
+        column, file_ids = id_column, []
+        for block in blocks:
+            if column is None:
+                column = _pick(block.columns, CORPUS_ID_COLUMNS)
+                if column is None or "text" not in block.columns:
+                    raise InputError(
+                        file,
+                        f"a corpus table needs an id column ({', '.join(CORPUS_ID_COLUMNS)}) and 'text'",
+                        "add or rename those columns",
+                    )
+            block = block.with_columns(pl.lit(None, pl.String).alias(c) for c in (column, "text") if c not in block)
+            _require_filled_ids(block, column, source, "document", sum(map(len, file_ids)))
+            file_ids.append(block[column])
+            documents = _document_text(block.rename({column: "_id"}) if column != "_id" else block)
+            empty.append(documents.filter(_blank("text"))["doc_id"])
+            documents = _with_hash(documents.filter(~_blank("text")))
+            spool.write(schema.conform(documents, schema.CORPUS))
+            keys.append(documents.select("doc_id", "text_hash"))
+        ids.append((source, pl.concat(file_ids)))
+    _require_unique_ids(ids, "document")
     empty_ids = pl.concat(empty)
     # Empty documents occur in real BEIR corpora (Cranfield has two); they can be neither positive nor
     # negative, so they are skipped and counted instead of refusing the whole corpus.
@@ -275,7 +296,7 @@ def _ingested(
             "queries_without_positive_skipped": queries.height - with_positive.height,
             "positives": positives.height,
         },
-        input_hashes={str(path): file_sha256(path) for path in files},
+        input_hashes={str(file): file_sha256(file) for path in files for file in corpus_files(path)},
     )
 
 

@@ -151,3 +151,44 @@ def test_a_line_longer_than_a_block(tmp_path: Path, small_blocks: None) -> None:
     texts = dict(zip(data.corpus["doc_id"].to_pylist(), data.corpus["text"].to_pylist(), strict=True))
     assert texts["d10"] == "Title 10 " + ("long " * 500).strip()
     assert json.loads((folder / "corpus.jsonl").read_text().splitlines()[10])["_id"] == "d10"
+
+
+def test_a_folder_of_corpus_shards_reads_as_one_corpus(tmp_path: Path) -> None:
+    rows = [{"doc_id": d["_id"], "title": d.get("title", ""), "text": d["text"]} for d in _documents(60)]
+    whole = tmp_path / "corpus.jsonl"
+    write_jsonl(whole, rows)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:25]), shards / "part-0.parquet", row_group_size=10)
+    write_jsonl(shards / "part-1.jsonl", rows[25:40])
+    pl.DataFrame(rows[40:]).write_csv(shards / "part-2.csv")
+    (shards / "README.txt").write_text("not a shard")
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"query": "wing lift", "positive_id": "d1"}, {"query": "shock", "positive_id": "d45"}])
+    from_file = ingest(pairs, corpus=whole)
+    from_shards = ingest(pairs, corpus=shards, spill=tmp_path / "work")
+    assert from_shards.corpus.equals(from_file.corpus) and from_shards.qrels.equals(from_file.qrels)
+    assert sorted(Path(p).name for p in from_shards.input_hashes) == [
+        "pairs.jsonl",
+        "part-0.parquet",
+        "part-1.jsonl",
+        "part-2.csv",
+    ]
+
+
+def test_an_id_in_two_shards_names_both_places(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "a.jsonl", [{"_id": "d1", "text": "one"}, {"_id": "d2", "text": "two"}])
+    write_jsonl(shards / "b.jsonl", [{"_id": "d3", "text": "three"}, {"_id": "d2", "text": "again"}])
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"query": "one", "positive_id": "d1"}])
+    with pytest.raises(InputError) as caught:
+        ingest(pairs, corpus=shards, spill=tmp_path / "work")
+    assert str(caught.value).startswith(
+        f"{shards / 'b.jsonl'}:2: duplicate document id 'd2' (first at {shards}/a.jsonl line 2)"
+    )
+    (shards / "a.jsonl").unlink()
+    (shards / "b.jsonl").unlink()
+    with pytest.raises(InputError, match="a corpus folder holds no file to read"):
+        ingest(pairs, corpus=shards)
