@@ -134,7 +134,8 @@ class EmbeddingCache:
             held = pl.DataFrame({"text_hash": shard["hashes"]}).with_row_index("at").unique("text_hash", keep="first")
             hits = wanted.join(held, on="text_hash", how="inner")
             rows, at = hits["row"].to_numpy(), hits["at"].to_numpy()
-            rows, at = rows[~found[rows]], at[~found[rows]]
+            fresh = ~found[rows]  # the first shard holding a hash gives its vector
+            rows, at = rows[fresh], at[fresh]
             if vectors is not None:
                 write_rows(vectors, rows, shard["vectors"][at])
             found[rows] = True

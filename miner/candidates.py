@@ -351,7 +351,6 @@ def ann_recall(
     index: Any, doc_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int, sample: int, seed: int
 ) -> float:
     """Mean recall@k of `index` against exact search, over `sample` of the queries drawn with `seed`."""
-
     rows = np.sort(np.random.default_rng(seed).choice(len(query_vectors), size=sample, replace=False))
     chosen = np.ascontiguousarray(query_vectors[rows], dtype=np.float32)
     k = min(k, len(doc_vectors))

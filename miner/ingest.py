@@ -149,6 +149,7 @@ class Documents:
 
     keys: pl.DataFrame  # (doc_id, text_hash) of every document with text, in file order
     empty_ids: pl.Series  # documents without text, skipped
+    files: list[Path]  # the files read: the corpus file, or each shard of a corpus folder
 
 
 def spool_documents(
@@ -160,12 +161,13 @@ def spool_documents(
     `id_column` None picks, in each file, the first of CORPUS_ID_COLUMNS it has. Only the ids of all blocks are
     held together, to find a duplicate wherever it is.
     """
+    files = corpus_files(path)
     ids: list[tuple[Source, pl.Series]] = []
     keys: list[pl.DataFrame] = []
     empty: list[pl.Series] = []
-    for file in corpus_files(path):
+    for file in files:
         source, blocks = text_blocks(file, columns, optional)
-        column, file_ids = id_column, []
+        column, file_ids, offset = id_column, [], 0
         for block in blocks:
             if column is None:
                 column = _pick(block.columns, CORPUS_ID_COLUMNS)
@@ -176,7 +178,8 @@ def spool_documents(
                         "add or rename those columns",
                     )
             block = block.with_columns(pl.lit(None, pl.String).alias(c) for c in (column, "text") if c not in block)
-            _require_filled_ids(block, column, source, "document", sum(map(len, file_ids)))
+            _require_filled_ids(block, column, source, "document", offset)
+            offset += block.height
             file_ids.append(block[column])
             documents = _document_text(block.rename({column: "_id"}) if column != "_id" else block)
             empty.append(documents.filter(_blank("text"))["doc_id"])
@@ -192,7 +195,7 @@ def spool_documents(
         log.warning(
             "%s: skipping %d empty documents (ids %s)", path, empty_ids.len(), ", ".join(empty_ids.head(5).to_list())
         )
-    return Documents(pl.concat(keys), empty_ids)
+    return Documents(pl.concat(keys), empty_ids, files)
 
 
 def read_beir_queries(path: Path) -> pl.DataFrame:
@@ -278,7 +281,7 @@ def read_beir(
         "qrels_unknown_document_skipped": unknown_documents,
         "qrels_empty_document_skipped": judging_empty,
     }
-    return _ingested(corpus, queries, positives, counts, [corpus_path, queries_path, qrels_path])
+    return _ingested(corpus, queries, positives, counts, [*documents.files, queries_path, qrels_path])
 
 
 def _ingested(
@@ -296,7 +299,7 @@ def _ingested(
             "queries_without_positive_skipped": queries.height - with_positive.height,
             "positives": positives.height,
         },
-        input_hashes={str(file): file_sha256(file) for path in files for file in corpus_files(path)},
+        input_hashes={str(path): file_sha256(path) for path in files},
     )
 
 
@@ -340,7 +343,9 @@ def read_pairs(
             spool_documents(corpus, spool, columns=[], optional=(*CORPUS_ID_COLUMNS, "text", "title"), id_column=None)
             if corpus is not None
             else Documents(
-                pl.DataFrame(schema={"doc_id": pl.String, "text_hash": pl.String}), pl.Series("doc_id", [], pl.String)
+                pl.DataFrame(schema={"doc_id": pl.String, "text_hash": pl.String}),
+                pl.Series("doc_id", [], pl.String),
+                [],
             )
         )
         rows, keys, added = _positive_ids(rows, source, positive_text, positive_id, documents.keys, spool)
@@ -373,7 +378,7 @@ def read_pairs(
         "qrels_unknown_query_skipped": unknown_queries,
         "qrels_unknown_document_skipped": unknown_documents,
     }
-    files = [p for p in (path, corpus, queries) if p is not None]
+    files = [path, *documents.files, *([queries] if queries is not None else [])]
     return _ingested(documents_table, query_table, positives, counts, files)
 
 

@@ -63,8 +63,8 @@ def release(vectors: np.ndarray) -> None:
         base.madvise(mmap.MADV_DONTNEED)
 
 
-# Pairs whose dot products are computed at a time: 6 MB of gathered 384-float rows per side.
-DOT_ROWS = 4096
+# Rows handled at a time when pairs are multiplied or rows written by number: 6 MB of 384-float rows.
+ROW_CHUNK = 4096
 
 
 def distinct_rows(vectors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,8 +103,8 @@ def row_dots(left: np.ndarray, left_rows: np.ndarray, right: np.ndarray, right_r
         left, left_rows = distinct_rows(left, left_rows)
         right, right_rows = distinct_rows(right, right_rows)
     dots = np.empty(len(left_rows), dtype=np.float32)
-    for start in range(0, len(left_rows), DOT_ROWS):
-        stop = start + DOT_ROWS
+    for start in range(0, len(left_rows), ROW_CHUNK):
+        stop = start + ROW_CHUNK
         dots[start:stop] = np.einsum("ij,ij->i", left[left_rows[start:stop]], right[right_rows[start:stop]])
     return dots
 
@@ -116,8 +116,8 @@ def write_rows(vectors: np.ndarray, rows: np.ndarray, values: np.ndarray) -> Non
         vectors[rows] = values
         return
     order = np.argsort(rows, kind="stable")
-    for start in range(0, len(order), DOT_ROWS):
-        chunk = order[start : start + DOT_ROWS]
+    for start in range(0, len(order), ROW_CHUNK):
+        chunk = order[start : start + ROW_CHUNK]
         vectors[rows[chunk]] = values[chunk]
         release(vectors)
 
