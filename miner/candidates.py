@@ -423,9 +423,21 @@ def _series(values: pa.Array | pa.ChunkedArray) -> pl.Series:
 # --- the pool ---------------------------------------------------------------------------------------
 
 
-def candidate_pool(bm25: pa.Table | None, dense: pa.Table | None, *, rrf_k: int = 60) -> pa.Table:
-    """Two RETRIEVED lists (either may be None) -> CANDIDATES, fused by reciprocal rank fusion."""
+def candidate_pool(
+    bm25: pa.Table | None, dense: pa.Table | None, *, rrf_k: int = 60, bm25_pool_k: int | None = None
+) -> pa.Table:
+    """Two RETRIEVED lists (either may be None) -> CANDIDATES, fused by reciprocal rank fusion.
+
+    With `bm25_pool_k`, only BM25's top `bm25_pool_k` become candidates; its deeper hits only fill in the BM25
+    rank and score of candidates dense retrieval found (evidence for the filter, not more pairs to score).
+    """
     empty = pl.DataFrame(schema={"query_id": pl.String, "doc_id": pl.String, "rank": pl.Int32, "score": pl.Float32})
+    deep = None
+    if bm25 is not None and bm25_pool_k is not None:
+        ranks = pl.from_arrow(bm25)
+        assert isinstance(ranks, pl.DataFrame)
+        deep = ranks.filter(pl.col("rank") > bm25_pool_k).rename({"rank": "_deep_rank", "score": "_deep_score"})
+        bm25 = ranks.filter(pl.col("rank") <= bm25_pool_k).to_arrow()
 
     def prefixed(table: pa.Table | None, name: str) -> pl.DataFrame:
         frame = pl.from_arrow(table) if table is not None else empty
@@ -446,4 +458,8 @@ def candidate_pool(bm25: pa.Table | None, dense: pa.Table | None, *, rrf_k: int 
         .sort(["query_id", "fused_score", "doc_id"], descending=[False, True, False])
         .with_columns(fused_rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("query_id"))
     )
+    if deep is not None:
+        pool = pool.join(deep, on=["query_id", "doc_id"], how="left").with_columns(
+            bm25_rank=pl.coalesce("bm25_rank", "_deep_rank"), bm25_score=pl.coalesce("bm25_score", "_deep_score")
+        )
     return schema.conform(pool, schema.CANDIDATES)

@@ -110,9 +110,20 @@ def mine(
     range_min: Annotated[int | None, _opt("range_min", "skip the teacher's top N [0]")] = None,
     range_max: Annotated[int | None, _opt("range_max", "consider up to teacher rank N [100]")] = None,
     expansion_depth: Annotated[
-        int | None, _opt("expansion_depth", "drop the top N for the query expanded by its positives [40; 0 off]")
+        str | None,
+        _opt("expansion_depth", "drop each query's top N by evidence of relevance: auto or a number [auto; 0 off]"),
     ] = None,
-    expansion_weight: Annotated[float | None, _opt("expansion_weight", "weight of the positives [0.5]")] = None,
+    expansion_weight: Annotated[
+        float | None, _opt("expansion_weight", "weight of the positives' similarity in the evidence [0.5]")
+    ] = None,
+    lexical_weight: Annotated[float | None, _opt("lexical_weight", "weight of BM25 in the evidence [1.0]")] = None,
+    hardness_target: Annotated[
+        float | None, _opt("hardness_target", "auto depth keeps this x the 10-50 window's query cosine [0.92]")
+    ] = None,
+    max_false_negatives: Annotated[
+        float | None,
+        _opt("max_false_negatives", "budget: hardest setting whose held-out false-negative rate is within this"),
+    ] = None,
     max_positive_similarity: Annotated[
         float | None, _opt("max_positive_similarity", "drop near-copies of a positive above this cosine")
     ] = None,

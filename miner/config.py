@@ -37,7 +37,12 @@ class RetrievalConfig(_Section):
     bm25_k1: float = Field(0.9, gt=0)
     bm25_b: float = Field(0.4, ge=0, le=1)
     dense: bool = True
-    dense_k: int = Field(100, ge=1, description="dense hits per query")
+    # 200, not 100: the false-negative filter drops the candidates with the most evidence of relevance, and on a
+    # collection with dozens of relevant passages per query it needs room below them to find hard negatives.
+    dense_k: int = Field(200, ge=1, description="dense hits per query")
+    # BM25 hits past bm25_k are not candidates but evidence: a dense candidate that BM25 also ranks within this
+    # depth carries its BM25 score into the filter's relevance evidence. 0 keeps only the bm25_k hits.
+    bm25_evidence_k: int = Field(1000, ge=0, description="BM25 depth read as relevance evidence; 0 off")
     # "auto": exact search (faiss IndexFlatIP) up to `ann_threshold` documents, HNSW above; or "flat", "hnsw",
     # "ivf" on request. An approximate index is cached, and its recall@dense_k against exact search, measured
     # on `ann_recall_queries` sampled queries, is written to the manifest.
@@ -77,13 +82,24 @@ class FilterConfig(_Section):
     positive_reference: PositiveReference = "min"
     # Rank window over the teacher's ranking: skip the first `range_min`, consider up to rank `range_max`.
     range_min: int = Field(0, ge=0)
-    range_max: int = Field(100, ge=1)
-    # Positive expansion: rank candidates for the query moved towards its positives
-    # (q + weight x mean positive, in the embedding model's space) and drop the top `expansion_depth`:
-    # passages that look like the positive and the query at once are the likeliest unlabelled positives.
-    # Never more than half of a query's candidates, so a small corpus is not emptied.
-    expansion_depth: int = Field(40, ge=0, description="0 turns the rule off")
-    expansion_weight: float = Field(0.5, gt=0)
+    # Past the candidates a query has: the evidence rule, not the window, decides how deep negatives come from.
+    range_max: int = Field(10_000, ge=1)
+    # Positive expansion: rank each query's candidates by their evidence of relevance, the sum of three
+    # per-query z-scores (cosine with the query, `expansion_weight` x cosine with the nearest positive,
+    # `lexical_weight` x BM25 score), and drop the top `expansion_depth`: passages that resemble the query, its
+    # positives and its words at once are the likeliest unlabelled positives. Never so many that a query is left
+    # with fewer than num_negatives candidates. "auto" picks one depth for the whole run: the deepest whose
+    # negatives keep a mean query cosine of at least `hardness_target` x that of the reference window (teacher
+    # ranks reference_min_rank+1..reference_max_rank, the window sentence-transformers' docs suggest).
+    expansion_depth: int | Literal["auto"] = Field("auto", description="auto, or a depth; 0 turns the rule off")
+    expansion_weight: float = Field(0.5, ge=0)
+    lexical_weight: float = Field(1.0, ge=0)
+    hardness_target: float = Field(0.92, gt=0, le=1.5)
+    reference_min_rank: int = Field(10, ge=0)
+    reference_max_rank: int = Field(50, ge=1)
+    # False-negative budget: with queries of two or more positives, hold positives out on them, measure the
+    # false-negative rate of each hardness target in HARDNESS_LADDER and use the hardest within this rate.
+    max_false_negatives: float | None = Field(None, gt=0, lt=1)
     # Near-duplicates of a positive: drop candidates whose cosine with the nearest positive exceeds this.
     max_positive_similarity: float | None = Field(None, gt=-1, le=1)
     # RocketQA-style denoising: drop candidates the teacher itself scores as relevant (above this score;
@@ -100,7 +116,7 @@ class FilterConfig(_Section):
     @property
     def needs_geometry(self) -> bool:
         """Whether a rule compares candidates with the positives in the embedding space."""
-        return self.expansion_depth > 0 or self.max_positive_similarity is not None
+        return self.expansion_depth != 0 or self.max_positive_similarity is not None
 
 
 class SampleConfig(_Section):
@@ -242,6 +258,10 @@ CLI_KEYS: dict[str, str] = {
     "range_max": "filter.range_max",
     "expansion_depth": "filter.expansion_depth",
     "expansion_weight": "filter.expansion_weight",
+    "lexical_weight": "filter.lexical_weight",
+    "hardness_target": "filter.hardness_target",
+    "max_false_negatives": "filter.max_false_negatives",
+    "bm25_evidence_k": "retrieval.bm25_evidence_k",
     "max_positive_similarity": "filter.max_positive_similarity",
     "denoise_threshold": "filter.denoise_threshold",
     "agreement_depth": "filter.agreement_depth",

@@ -8,7 +8,7 @@ Rules, in the order a candidate meets them (the first that applies is recorded i
                         cosine with the nearest positive above `max_positive_similarity`
   denoise               teacher score above `denoise_threshold` (RocketQA-style denoising)
   retriever_agreement   BM25 and dense both rank it within `agreement_depth`
-  positive_expansion    among the top `expansion_depth` for the query expanded by its positives
+  positive_expansion    among the top `expansion_depth` of the query's candidates by evidence of relevance
   rank_window           outside (range_min, range_max] of the teacher's ranking
   topk-abs | topk-marginpos | topk-percpos
                         the positive-aware rule of NV-Retriever (Moreira et al., 2024): a candidate the
@@ -69,18 +69,37 @@ def score_ceiling(config: FilterConfig) -> pl.Expr | None:
     return None
 
 
-def positive_aware_filter(
+def _z(column: pl.Expr, among: pl.Expr) -> pl.Expr:
+    """Per-query z-score of `column` over the rows `among`; 0 where a query's values do not vary."""
+    values = pl.when(among).then(column)
+    spread = values.std().over("query_id")
+    return pl.when(spread > 0).then((column - values.mean().over("query_id")) / spread).otherwise(0.0)
+
+
+def evidence_of_relevance(config: FilterConfig, among: pl.Expr) -> pl.Expr:
+    """How strongly a candidate looks relevant: per-query z-scores of its cosine with the query, with the
+    nearest positive (weighted) and of its BM25 score (weighted), summed. Three signals that err apart: a
+    candidate all of them rank high is the likeliest unlabelled positive; a hard negative is close to the
+    query in the embedding space but shares neither the positive's meaning nor the query's words."""
+    bm25 = pl.col("bm25_score")
+    # Past BM25's depth a candidate scores at most the lowest score it returned.
+    lexical = bm25.fill_null(pl.when(among).then(bm25).min().over("query_id")).fill_null(0.0)
+    return (
+        _z(pl.col("query_cosine"), among)
+        + config.expansion_weight * _z(pl.col("positive_cosine"), among)
+        + config.lexical_weight * _z(lexical, among)
+    )
+
+
+def annotated_candidates(
     candidates: pa.Table,
     teacher_scores: pa.Table,
     qrels: pa.Table,
     corpus: pa.Table,
     config: FilterConfig,
-    geometry: pa.Table | None = None,
-) -> pa.Table:
-    """CANDIDATES + TEACHER_SCORES + QRELS + CORPUS -> JUDGED (every candidate, with its verdict).
-
-    `geometry` (score.positive_geometry) is needed when `config.needs_geometry`.
-    """
+    geometry: pa.Table | None,
+) -> pl.DataFrame:
+    """Every candidate with what the rules read: teacher rank, positive flags and, with geometry, evidence rank."""
     positives = positive_scores(qrels, teacher_scores)
     named = rows_named(corpus, "doc_id", candidates["doc_id"], qrels["doc_id"])
     hashes = pl.from_arrow(named.select(["doc_id", "text_hash"]))
@@ -104,26 +123,103 @@ def positive_aware_filter(
         .join(positive_hashes, on=["query_id", "text_hash"], how="left")
         .join(positive_reference(positives, config.positive_reference), on="query_id", how="left")
     )
-    is_positive = pl.col("_is_positive").fill_null(False)
-    copies_positive = pl.col("_copies_positive").fill_null(False)
     invalid = pl.col("teacher_score").is_null() | ~pl.col("teacher_score").is_finite()
-    rankable = ~(is_positive | copies_positive | invalid)
+    frame = frame.with_columns(
+        _is_positive=pl.col("_is_positive").fill_null(False),
+        _copies_positive=pl.col("_copies_positive").fill_null(False),
+        _invalid=invalid,
+    ).with_columns(_rankable=~(pl.col("_is_positive") | pl.col("_copies_positive") | pl.col("_invalid")))
+    rankable = pl.col("_rankable")
     # Rank by teacher score, ties by doc_id, counting only rankable candidates.
     frame = frame.sort(
         ["query_id", "teacher_score", "doc_id"], descending=[False, True, False], nulls_last=True
-    ).with_columns(teacher_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id")))
-    verdict = (
-        pl.when(is_positive)
-        .then(pl.lit("positive"))
-        .when(copies_positive)
-        .then(pl.lit("duplicate_of_positive"))
-        .when(invalid)
-        .then(pl.lit("invalid_score"))
+    ).with_columns(
+        teacher_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id")),
+        _rankable_count=rankable.cast(pl.Int32).sum().over("query_id"),
     )
     if config.needs_geometry:
         if geometry is None:
             raise schema.SchemaError("a positive-geometry rule is set but no geometry table was given")
         frame = frame.join(pl.from_arrow(geometry), on=["query_id", "doc_id"], how="left")
+    if config.expansion_depth != 0:
+        frame = frame.with_columns(_evidence=evidence_of_relevance(config, rankable))
+        frame = frame.sort(["query_id", "_evidence", "doc_id"], descending=[False, True, False]).with_columns(
+            _evidence_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id"))
+        )
+    return frame
+
+
+def expansion_cut(depth: int, keep: int) -> pl.Expr:
+    """Rows the expansion rule drops at `depth`: never so many that fewer than `keep` candidates remain."""
+    cap = pl.max_horizontal(pl.col("_rankable_count") - keep, pl.lit(0))
+    return pl.col("_evidence_rank") <= pl.min_horizontal(pl.lit(depth), cap)
+
+
+def negatives_cosine(frame: pl.DataFrame, config: FilterConfig, depth: int, keep: int) -> float:
+    """Mean query cosine of the `keep` best-ranked candidates per query left by the expansion rule at `depth`
+    and the rank window: the hardness of the negatives the default sampler would export."""
+    window = (pl.col("teacher_rank") > config.range_min) & (pl.col("teacher_rank") <= config.range_max)
+    left = frame.filter(pl.col("_rankable") & window & ~expansion_cut(depth, keep))
+    chosen = left.sort(["query_id", "teacher_rank"]).group_by("query_id", maintain_order=True).head(keep)
+    return float(chosen["query_cosine"].mean() or 0.0)
+
+
+def auto_expansion_depth(frame: pl.DataFrame, config: FilterConfig, keep: int) -> tuple[int, dict[str, float]]:
+    """The deepest expansion cut whose negatives keep `hardness_target` x the reference window's query cosine.
+
+    One depth for the whole run, not one per query: queries whose relevant passages run deep can then lose
+    more hardness than those whose do not, which measured better than matching every query on its own.
+    """
+    window = (pl.col("teacher_rank") > config.reference_min_rank) & (
+        pl.col("teacher_rank") <= config.reference_max_rank
+    )
+    reference = float(frame.filter(pl.col("_rankable") & window)["query_cosine"].mean() or 0.0)
+    target = config.hardness_target * reference
+    deepest = int(frame["_rankable_count"].max() or 0)
+    # Hardness falls as the cut deepens (it removes candidates), so the deepest cut that keeps it is a bisection.
+    low, high = 0, deepest
+    if negatives_cosine(frame, config, 0, keep) < target:
+        high = 0
+    while low < high:
+        middle = (low + high + 1) // 2
+        if negatives_cosine(frame, config, middle, keep) >= target:
+            low = middle
+        else:
+            high = middle - 1
+    return low, {
+        "expansion_depth": low,
+        "hardness_target": config.hardness_target,
+        "reference_cosine": round(reference, 4),
+        "negatives_cosine": round(negatives_cosine(frame, config, low, keep), 4),
+    }
+
+
+def positive_aware_filter(
+    candidates: pa.Table,
+    teacher_scores: pa.Table,
+    qrels: pa.Table,
+    corpus: pa.Table,
+    config: FilterConfig,
+    geometry: pa.Table | None = None,
+    keep: int = 1,
+) -> pa.Table:
+    """CANDIDATES + TEACHER_SCORES + QRELS + CORPUS -> JUDGED (every candidate, with its verdict).
+
+    `geometry` (score.positive_geometry) is needed when `config.needs_geometry`. `keep`: candidates the
+    expansion rule leaves each query at least (the sampler's quota). An "auto" depth is resolved here.
+    """
+    frame = annotated_candidates(candidates, teacher_scores, qrels, corpus, config, geometry)
+    depth = config.expansion_depth
+    if depth == "auto":
+        depth, _ = auto_expansion_depth(frame, config, keep)
+    verdict = (
+        pl.when(pl.col("_is_positive"))
+        .then(pl.lit("positive"))
+        .when(pl.col("_copies_positive"))
+        .then(pl.lit("duplicate_of_positive"))
+        .when(pl.col("_invalid"))
+        .then(pl.lit("invalid_score"))
+    )
     if config.max_positive_similarity is not None:
         verdict = verdict.when(pl.col("positive_cosine") > config.max_positive_similarity).then(
             pl.lit("near_duplicate_of_positive")
@@ -133,12 +229,8 @@ def positive_aware_filter(
     if config.agreement_depth > 0:
         both_high = (pl.col("bm25_rank") <= config.agreement_depth) & (pl.col("dense_rank") <= config.agreement_depth)
         verdict = verdict.when(both_high.fill_null(False)).then(pl.lit("retriever_agreement"))
-    if config.expansion_depth > 0:
-        frame = frame.sort(["query_id", "expanded_score", "doc_id"], descending=[False, True, False]).with_columns(
-            _expanded_rank=pl.when(rankable).then(rankable.cast(pl.Int32).cum_sum().over("query_id"))
-        )
-        depth = pl.min_horizontal(pl.lit(config.expansion_depth), rankable.cast(pl.Int32).sum().over("query_id") // 2)
-        verdict = verdict.when(pl.col("_expanded_rank") <= depth).then(pl.lit("positive_expansion"))
+    if depth > 0:
+        verdict = verdict.when(expansion_cut(depth, keep)).then(pl.lit("positive_expansion"))
     verdict = verdict.when(
         (pl.col("teacher_rank") <= config.range_min) | (pl.col("teacher_rank") > config.range_max)
     ).then(pl.lit("rank_window"))

@@ -50,7 +50,9 @@ def build_manifest(
     files: list[str],
     teacher: str,
     resumed: list[str] | None = None,
+    choice: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    choice = choice or {}
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": config.model_dump(mode="json"),
@@ -59,6 +61,10 @@ def build_manifest(
         "packages": package_versions(),
         "inputs_sha256": inputs,
         "counts": counts,
+        # What the data decided: the expansion depth ("auto"), the budget's trials and choice.
+        "filter_choice": {key: value for key, value in choice.items() if key != "estimate"},
+        # The estimated false-negative rate of the exported negatives, and how it was estimated.
+        "false_negatives_estimate": choice.get("estimate"),
         "scores": scores,
         "timings_s": {stage: round(seconds, 3) for stage, seconds in timings.items()},
         # Stages loaded from an interrupted run's checkpoints instead of being run again.

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from miner import candidates, sample, score
+from miner import calibrate, candidates, sample, score
 from miner.cache import Bm25IndexCache, EmbeddingCache, TeacherScoreCache
 from miner.config import MineConfig
 from miner.distributed import (
@@ -77,6 +77,8 @@ class Selected:
     judged: pa.Table  # schema.JUDGED
     selected: pa.Table  # schema.SELECTED
     counts: dict[str, dict[str, int]]
+    # Settings the data decided (auto expansion depth, budget) and the estimated false-negative rate.
+    choice: dict[str, Any]
 
 
 def bm25_candidates(
@@ -86,7 +88,7 @@ def bm25_candidates(
 
     With `shards`, the query shards are searched on the workers, over the index in the shared cache folder.
     """
-    settings = {"k": config.retrieval.bm25_k, "k1": config.retrieval.bm25_k1, "b": config.retrieval.bm25_b}
+    settings = {"k": bm25_depth(config), "k1": config.retrieval.bm25_k1, "b": config.retrieval.bm25_b}
     if shards is None:
         search = functools.partial(candidates.bm25_search, queries=data.queries, threads=threads(config), **settings)
     else:
@@ -101,6 +103,13 @@ def bm25_candidates(
             return search(index_dir), {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
     entry, indexed = Bm25IndexCache(folder).index(candidates.bm25_index_settings(), data.corpus, build)
     return search(entry), {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
+
+
+def bm25_depth(config: MineConfig) -> int:
+    """How deep BM25 searches: its candidates, or deeper when the filter reads its hits as evidence."""
+    retrieval = config.retrieval
+    reads_evidence = config.filter.expansion_depth != 0 and config.filter.lexical_weight > 0 and retrieval.dense
+    return max(retrieval.bm25_k, retrieval.bm25_evidence_k if reads_evidence else 0)
 
 
 def _index_rows(rows: pa.Table, folder: Path, append: bool, *, threads: int) -> None:
@@ -271,7 +280,7 @@ def score_candidates(
     dense, dense_index = None, {}
     if embeddings is not None:
         dense, dense_index = searched(run, shards, "dense", dense_candidates, embeddings, config)
-    pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k)
+    pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k, bm25_pool_k=retrieval.bm25_k)
     pairs = score.teacher_pairs(pool, data.qrels)
     if embeddings is None and (teacher_ref is None or config.filter.needs_geometry):
         # Dense retrieval is off but the bi-encoder is needed (teacher or geometry): embed only what it scores.
@@ -284,7 +293,8 @@ def score_candidates(
     scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings)
     counts = {
         "pool": pool.num_rows,
-        "bm25_hits": bm25.num_rows if bm25 is not None else 0,
+        "bm25_hits": pc.sum(pc.less_equal(bm25["rank"], retrieval.bm25_k)).as_py() or 0 if bm25 is not None else 0,
+        "bm25_evidence_hits": bm25.num_rows if bm25 is not None else 0,
         "dense_hits": dense.num_rows if dense is not None else 0,
         **{f"source_{s}": pc.sum(pc.equal(pool["source"], s)).as_py() or 0 for s in ("bm25", "dense", "both")},
     }
@@ -316,18 +326,23 @@ def _embedding_counts(embeddings: tuple[Embeddings, Embeddings] | None) -> dict[
 
 
 def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: StageRunner = run_directly) -> Selected:
-    """Filter the scored pool, then sample negatives per (query, positive)."""
+    """Resolve the settings the data decides, filter the scored pool, then sample negatives per (query, positive)."""
     geometry = None
     if config.filter.needs_geometry:
         assert scored.embeddings is not None
-        geometry = run(
-            "geometry",
-            score.positive_geometry,
-            scored.pool,
-            data.qrels,
-            *scored.embeddings,
-            weight=config.filter.expansion_weight,
-        )
+        geometry = run("geometry", score.positive_geometry, scored.pool, data.qrels, *scored.embeddings)
+    resolved, choice = run(
+        "calibrate",
+        calibrate.resolve_filter,
+        scored.pool,
+        scored.teacher_scores,
+        data.qrels,
+        data.corpus,
+        scored.embeddings,
+        geometry,
+        config.filter,
+        config.sample,
+    )
     judged = run(
         "filter",
         positive_aware_filter,
@@ -335,8 +350,9 @@ def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: St
         scored.teacher_scores,
         data.qrels,
         data.corpus,
-        config.filter,
+        resolved,
         geometry,
+        config.sample.num_negatives,
     )
     selected, sample_counts = run(
         "sample", sample.sample_negatives, judged, data.qrels, scored.teacher_scores, config.sample
@@ -344,7 +360,7 @@ def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: St
     counts = filter_counts(judged)
     if selected.num_rows == 0:
         raise no_negatives_error(counts, scored.pool.num_rows)
-    return Selected(judged, selected, {"filter": counts, "sample": sample_counts})
+    return Selected(judged, selected, {"filter": counts, "sample": sample_counts}, choice)
 
 
 def no_negatives_error(counts: dict[str, int], pool_size: int) -> InputError:

@@ -81,6 +81,7 @@ def write_outputs(
         resumed=resumed,
         files=[*outputs, export.MANIFEST_FILE],
         teacher=scored.teacher,
+        choice=chosen.choice,
     )
     export.write_json_atomic(manifest, out / export.MANIFEST_FILE, scratch=scratch)
     return manifest

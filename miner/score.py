@@ -11,7 +11,7 @@ import pyarrow as pa
 from miner import schema
 from miner.models import Embeddings, ModelHandle
 from miner.tables import rows_named
-from miner.vectors import gathered, row_dots
+from miner.vectors import row_dots
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -148,16 +148,13 @@ def cross_encoder_scores(
     return schema.conform(frame.sort("query_id", "doc_id"), schema.TEACHER_SCORES)
 
 
-def positive_geometry(
-    pool: pa.Table, qrels: pa.Table, queries: Embeddings, documents: Embeddings, *, weight: float
-) -> pa.Table:
-    """Where each candidate sits relative to its query's positives, in the embedding model's space.
+def positive_geometry(pool: pa.Table, qrels: pa.Table, queries: Embeddings, documents: Embeddings) -> pa.Table:
+    """Where each candidate sits relative to its query and its query's positives, in the embedding model's space.
 
-    -> (query_id, doc_id, expanded_score, positive_cosine):
-    - expanded_score: cosine with the query moved towards its positives, (q + weight * mean p) / norm. The
-      positives tell what the query's author counted as relevant; a candidate close to that expanded
-      need is a likely unlabelled positive.
-    - positive_cosine: cosine with the nearest positive; near 1 means a near-copy of a positive.
+    -> (query_id, doc_id, query_cosine, positive_cosine):
+    - query_cosine: cosine with the query, whatever the teacher: the filter's ruler of hardness.
+    - positive_cosine: cosine with the nearest positive. The positives tell what the query's author counted
+      as relevant; a candidate close to one is a likely unlabelled positive, near 1 a near-copy.
     """
     q_rows = _positions(queries.ids, "query_id")
     d_rows = _positions(documents.ids, "doc_id")
@@ -166,21 +163,13 @@ def positive_geometry(
         .join(d_rows, on="doc_id", how="inner")
         .join(q_rows, on="query_id", how="inner")
     )
-    expanded = queries.vectors.copy()
-    if positives.height:
-        rows = positives["query_id_row"].to_numpy()
-        sums = np.zeros_like(expanded)
-        np.add.at(sums, rows, gathered(documents.vectors, positives["doc_id_row"].to_numpy()))
-        counts = np.bincount(rows, minlength=len(expanded)).astype(np.float32)[:, None]
-        expanded += weight * np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-    expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
     frame = (
         pl.from_arrow(pool.select(["query_id", "doc_id"]))
         .join(q_rows, on="query_id", how="left")
         .join(d_rows, on="doc_id", how="left")
     )
-    expanded_scores = row_dots(
-        expanded, frame["query_id_row"].to_numpy(), documents.vectors, frame["doc_id_row"].to_numpy()
+    query_cosines = row_dots(
+        queries.vectors, frame["query_id_row"].to_numpy(), documents.vectors, frame["doc_id_row"].to_numpy()
     )
     # Nearest positive: one row per (candidate, positive of its query), then the max per candidate.
     pairs = frame.with_row_index("candidate").join(
@@ -195,7 +184,7 @@ def positive_geometry(
         {
             "query_id": frame["query_id"].to_arrow(),
             "doc_id": frame["doc_id"].to_arrow(),
-            "expanded_score": expanded_scores.astype(np.float32),
+            "query_cosine": query_cosines.astype(np.float32),
             "positive_cosine": nearest,
         }
     )
