@@ -79,6 +79,14 @@ class HeldOut:
         selected, _ = sample_negatives(judged, self.given, self.teacher_scores, sample)
         negatives = pl.from_arrow(selected.select(["query_id", "negative_id"]))
         assert isinstance(negatives, pl.DataFrame)
+        per_query = negatives.group_by("query_id").len()
+        hardness = None
+        if self.geometry is not None:
+            cosines = pl.from_arrow(self.geometry.select(["query_id", "doc_id", "query_cosine"]))
+            assert isinstance(cosines, pl.DataFrame)
+            hardness = negatives.join(
+                cosines.rename({"doc_id": "negative_id"}), on=["query_id", "negative_id"], how="left"
+            )["query_cosine"].mean()
         leaked = negatives.join(
             self.hidden.rename({"doc_id": "negative_id"}), on=["query_id", "negative_id"], how="semi"
         ).height
@@ -89,6 +97,9 @@ class HeldOut:
             "false_negatives": leaked,
             "negatives": negatives.height,
             "queries": self.queries,
+            "coverage": round(per_query.filter(pl.col("len") >= sample.num_negatives).height / self.queries, 4),
+            # Mean query cosine of the negatives under the run's embedding model.
+            "hardness": round(float(hardness), 4) if hardness is not None else None,
         }
 
 

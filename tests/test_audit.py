@@ -67,7 +67,7 @@ def test_measure_counts_leaks_coverage_and_hardness(tmp_path: Path) -> None:
     assert metrics["mean_rank"] == pytest.approx(2.0)
 
 
-def test_positive_geometry_expands_the_query_and_finds_the_nearest_positive() -> None:
+def test_positive_geometry_measures_the_query_and_the_nearest_positive() -> None:
     rng = np.random.default_rng(1)
     docs = rng.normal(size=(5, 16)).astype(np.float32)
     docs /= np.linalg.norm(docs, axis=1, keepdims=True)
@@ -76,10 +76,8 @@ def test_positive_geometry_expands_the_query_and_finds_the_nearest_positive() ->
     ids = pa.array([f"d{i}" for i in range(5)])
     pool = pa.table({"query_id": ["q"] * 3, "doc_id": ["d2", "d3", "d4"]})
     qrels = pa.table({"query_id": ["q", "q"], "doc_id": ["d0", "d1"]})
-    geometry = positive_geometry(pool, qrels, Embeddings(pa.array(["q"]), query), Embeddings(ids, docs), weight=0.5)
-    expanded = query[0] + 0.5 * (docs[0] + docs[1]) / 2
-    expanded /= np.linalg.norm(expanded)
-    assert np.allclose(geometry["expanded_score"].to_numpy(), docs[2:] @ expanded, atol=1e-6)
+    geometry = positive_geometry(pool, qrels, Embeddings(pa.array(["q"]), query), Embeddings(ids, docs))
+    assert np.allclose(geometry["query_cosine"].to_numpy(), docs[2:] @ query[0], atol=1e-6)
     nearest = np.maximum(docs[2:] @ docs[0], docs[2:] @ docs[1])
     assert np.allclose(geometry["positive_cosine"].to_numpy(), nearest, atol=1e-6)
 
@@ -113,7 +111,7 @@ def test_rules_that_use_positive_geometry_teacher_and_retriever_agreement() -> N
         {
             "query_id": ["q"] * 3,
             "doc_id": ["a", "b", "c"],
-            "expanded_score": [0.2, 0.9, 0.1],
+            "query_cosine": [0.2, 0.9, 0.1],
             "positive_cosine": [0.97, 0.5, 0.4],
         }
     )
@@ -131,9 +129,16 @@ def test_rules_that_use_positive_geometry_teacher_and_retriever_agreement() -> N
         )
         return dict(zip(judged["doc_id"].to_list(), judged["dropped_by"].to_list(), strict=True))
 
-    assert verdicts(expansion_depth=1) == {"a": None, "b": "positive_expansion", "c": None}
-    # The default depth never takes more than half of a query's candidates: here one of three.
-    assert verdicts(expansion_depth=40) == {"a": None, "b": "positive_expansion", "c": None}
+    # Evidence = z(query cosine) + 0.5 z(positive cosine) + z(BM25): a (close to the positive, BM25's first)
+    # outweighs b (closest to the query only).
+    assert verdicts(expansion_depth=1) == {"a": "positive_expansion", "b": None, "c": None}
+    assert verdicts(expansion_depth=1, expansion_weight=0, lexical_weight=0) == {
+        "a": None,
+        "b": "positive_expansion",
+        "c": None,
+    }
+    # However deep, the rule leaves a query as many candidates as the sampler needs (keep=1 here).
+    assert verdicts(expansion_depth=40) == {"a": "positive_expansion", "b": "positive_expansion", "c": None}
     assert verdicts(max_positive_similarity=0.95) == {"a": "near_duplicate_of_positive", "b": None, "c": None}
     assert verdicts(denoise_threshold=0.55) == {"a": None, "b": "denoise", "c": None}
     # bm25 and dense ranks are 1, 2, 3 for a, b, c: depth 2 catches the two both retrievers put on top.
