@@ -44,6 +44,11 @@ PEER_SETTINGS = {
     "range_min=10, range_max=50, random": {"range_min": 10, "range_max": 50, "sampling_strategy": "random"},
 }
 BUDGETS = (0.05, 0.10)
+ABLATIONS = {
+    "without BM25 in the evidence (lexical_weight 0)": {"lexical_weight": 0.0},
+    "without the positive in the evidence (expansion_weight 0)": {"expansion_weight": 0.0},
+    "without the evidence cut (expansion_depth 0)": {"expansion_depth": 0},
+}
 
 
 def _selected(rows: list[tuple[str, str, str]]) -> pl.DataFrame:
@@ -154,6 +159,11 @@ def collection_report(name: str, path: Path) -> dict:
     audited = HeldOut(scored.pool, scored.teacher_scores, data.qrels, data.corpus, scored.embeddings)
     defaults = ours()
     sweep = {target: ours(target) for target in HARDNESS_LADDER}
+    # What each signal of the evidence is worth: the default with one signal left out.
+    ablations = {
+        name: ours(run_config=config.model_copy(update={"filter": config.filter.model_copy(update=change)}))
+        for name, change in ABLATIONS.items()
+    }
     # Budget and estimate: decided on one half of the queries (all their positives, as a user's run sees
     # them), measured by the audit on the other half.
     folds = []
@@ -200,6 +210,7 @@ def collection_report(name: str, path: Path) -> dict:
         "peer": peer,
         "defaults": defaults,
         "sweep": {str(k): v for k, v in sweep.items()},
+        "ablations": ablations,
         "folds": folds,
         "ours_seconds": round(seconds, 1),
     }
@@ -253,6 +264,19 @@ def render(reports: dict[str, dict], transfer: dict[str, dict]) -> str:
             lines.append(
                 f"| {target} | {row['coverage']:.1%} | {row['rate']:.1%} | {row['hardness']:.3f} | "
                 f"{row['hardness_vs_range']} | {row['frontier']:.1%} | {row['ratio']} |"
+            )
+        lines += [
+            "",
+            "What each part of the rule is worth (defaults with one part left out):",
+            "",
+            "| setting | coverage | FN | hardness | x range line | ratio | negatives by source |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for setting, row in [("defaults", d), *report["ablations"].items()]:
+            sources = ", ".join(f"{source} {count}" for source, count in row["sources"].items())
+            lines.append(
+                f"| {setting} | {row['coverage']:.1%} | {row['rate']:.1%} | {row['hardness']:.3f} | "
+                f"{row['hardness_vs_range']} | {row['ratio']} | {sources} |"
             )
         lines += [
             "",

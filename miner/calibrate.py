@@ -77,7 +77,7 @@ class HeldOut:
             self.pool, self.teacher_scores, self.given, self.corpus, config, self.geometry, keep=sample.num_negatives
         )
         selected, _ = sample_negatives(judged, self.given, self.teacher_scores, sample)
-        negatives = pl.from_arrow(selected.select(["query_id", "negative_id"]))
+        negatives = pl.from_arrow(selected.select(["query_id", "negative_id", "source"]))
         assert isinstance(negatives, pl.DataFrame)
         per_query = negatives.group_by("query_id").len()
         hardness = None
@@ -100,6 +100,8 @@ class HeldOut:
             "coverage": round(per_query.filter(pl.col("len") >= sample.num_negatives).height / self.queries, 4),
             # Mean query cosine of the negatives under the run's embedding model.
             "hardness": round(float(hardness), 4) if hardness is not None else None,
+            # Which retrievers found the negatives: bm25, dense or both.
+            "sources": dict(sorted(negatives["source"].value_counts().iter_rows())),
         }
 
 

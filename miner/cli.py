@@ -95,7 +95,10 @@ def mine(
     bm25: Annotated[bool | None, _opt("bm25", "BM25 candidates [on]", "--bm25/--no-bm25")] = None,
     bm25_k: Annotated[int | None, _opt("bm25_k", "BM25 hits per query [100]")] = None,
     dense: Annotated[bool | None, _opt("dense", "dense candidates [on]", "--dense/--no-dense")] = None,
-    dense_k: Annotated[int | None, _opt("dense_k", "dense hits per query [100]")] = None,
+    dense_k: Annotated[int | None, _opt("dense_k", "dense hits per query [200]")] = None,
+    bm25_evidence_k: Annotated[
+        int | None, _opt("bm25_evidence_k", "BM25 depth read as relevance evidence for dense candidates [1000; 0 off]")
+    ] = None,
     dense_index: Annotated[
         str | None, _opt("dense_index", "flat | hnsw | ivf | auto: flat up to retrieval.ann_threshold docs [auto]")
     ] = None,
@@ -108,13 +111,13 @@ def mine(
     pct: Annotated[float | None, _opt("pct", "topk-percpos fraction of the positive [0.95]")] = None,
     positive_reference: Annotated[str | None, _opt("positive_reference", "min | mean | max [min]")] = None,
     range_min: Annotated[int | None, _opt("range_min", "skip the teacher's top N [0]")] = None,
-    range_max: Annotated[int | None, _opt("range_max", "consider up to teacher rank N [100]")] = None,
+    range_max: Annotated[int | None, _opt("range_max", "consider up to teacher rank N [10000]")] = None,
     expansion_depth: Annotated[
         str | None,
         _opt("expansion_depth", "drop each query's top N by evidence of relevance: auto or a number [auto; 0 off]"),
     ] = None,
     expansion_weight: Annotated[
-        float | None, _opt("expansion_weight", "weight of the positives' similarity in the evidence [0.5]")
+        float | None, _opt("expansion_weight", "weight of the positives' similarity in the evidence [1.0]")
     ] = None,
     lexical_weight: Annotated[float | None, _opt("lexical_weight", "weight of BM25 in the evidence [1.0]")] = None,
     hardness_target: Annotated[

@@ -84,15 +84,16 @@ class FilterConfig(_Section):
     range_min: int = Field(0, ge=0)
     # Past the candidates a query has: the evidence rule, not the window, decides how deep negatives come from.
     range_max: int = Field(10_000, ge=1)
-    # Positive expansion: rank each query's candidates by their evidence of relevance, the sum of three
-    # per-query z-scores (cosine with the query, `expansion_weight` x cosine with the nearest positive,
-    # `lexical_weight` x BM25 score), and drop the top `expansion_depth`: passages that resemble the query, its
-    # positives and its words at once are the likeliest unlabelled positives. Never so many that a query is left
-    # with fewer than num_negatives candidates. "auto" picks one depth for the whole run: the deepest whose
-    # negatives keep a mean query cosine of at least `hardness_target` x that of the reference window (teacher
-    # ranks reference_min_rank+1..reference_max_rank, the window sentence-transformers' docs suggest).
+    # Positive expansion: rank each query's candidates by their evidence of relevance, a reciprocal-rank fusion
+    # of three rankings (by cosine with the query, by cosine with the nearest positive, weighted
+    # `expansion_weight`, and by BM25 score, weighted `lexical_weight`), and drop the top `expansion_depth`:
+    # passages that resemble the query, its positives and its words at once are the likeliest unlabelled
+    # positives. Never so many that a query is left with fewer than num_negatives candidates. "auto" picks one
+    # depth for the whole run: the deepest whose negatives keep a mean query cosine of at least
+    # `hardness_target` x that of the reference window (teacher ranks reference_min_rank+1..reference_max_rank,
+    # the window sentence-transformers' docs suggest).
     expansion_depth: int | Literal["auto"] = Field("auto", description="auto, or a depth; 0 turns the rule off")
-    expansion_weight: float = Field(0.5, ge=0)
+    expansion_weight: float = Field(1.0, ge=0)
     lexical_weight: float = Field(1.0, ge=0)
     hardness_target: float = Field(0.92, gt=0, le=1.5)
     reference_min_rank: int = Field(10, ge=0)

@@ -69,25 +69,30 @@ def score_ceiling(config: FilterConfig) -> pl.Expr | None:
     return None
 
 
-def _z(column: pl.Expr, among: pl.Expr) -> pl.Expr:
-    """Per-query z-score of `column` over the rows `among`; 0 where a query's values do not vary."""
-    values = pl.when(among).then(column)
-    spread = values.std().over("query_id")
-    return pl.when(spread > 0).then((column - values.mean().over("query_id")) / spread).otherwise(0.0)
+# Reciprocal-rank-fusion constant of the evidence (Cormack et al., 2009), as in the candidate pool.
+EVIDENCE_RRF_K = 60
+
+
+def _rank(column: pl.Expr, among: pl.Expr) -> pl.Expr:
+    """1-based rank of `column` (highest first) within its query, over the rows `among`; ties share a rank."""
+    return pl.when(among).then(column).rank("average", descending=True).over("query_id")
 
 
 def evidence_of_relevance(config: FilterConfig, among: pl.Expr) -> pl.Expr:
-    """How strongly a candidate looks relevant: per-query z-scores of its cosine with the query, with the
-    nearest positive (weighted) and of its BM25 score (weighted), summed. Three signals that err apart: a
-    candidate all of them rank high is the likeliest unlabelled positive; a hard negative is close to the
-    query in the embedding space but shares neither the positive's meaning nor the query's words."""
+    """How strongly a candidate looks relevant: reciprocal-rank fusion of three signals that err apart, its
+    cosine with the query, with the nearest positive and its BM25 score. A candidate all of them rank high is
+    the likeliest unlabelled positive; a hard negative is close to the query in the embedding space but shares
+    neither the positive's meaning nor the query's words. Fused by rank, so no score scale is assumed."""
     bm25 = pl.col("bm25_score")
     # Past BM25's depth a candidate scores at most the lowest score it returned.
     lexical = bm25.fill_null(pl.when(among).then(bm25).min().over("query_id")).fill_null(0.0)
-    return (
-        _z(pl.col("query_cosine"), among)
-        + config.expansion_weight * _z(pl.col("positive_cosine"), among)
-        + config.lexical_weight * _z(lexical, among)
+    signals = (
+        (1.0, pl.col("query_cosine")),
+        (config.expansion_weight, pl.col("positive_cosine")),
+        (config.lexical_weight, lexical),
+    )
+    return pl.sum_horizontal(
+        [weight / (EVIDENCE_RRF_K + _rank(signal, among)) for weight, signal in signals if weight > 0]
     )
 
 

@@ -299,7 +299,8 @@ FIGURES = (
         "margin.png",
         "Positive - negative margin",
         "Per exported negative: its positive's teacher score minus its own. Left of the dashed line the teacher "
-        "scores the negative above the positive; those are the likeliest false negatives.",
+        "scores the negative above its positive: the hardest negatives, not a count of false negatives (the "
+        "estimated false-negative rate is in the section above).",
         _draw_margin,
     ),
     FigureSpec(
@@ -457,6 +458,59 @@ def _summary_html(run: Run) -> str:
     )
 
 
+def false_negative_summary(run: Run) -> list[str]:
+    """Sentences on what the false-negative filter did and the estimated false-negative rate, from the manifest."""
+    filtered, manifest = run.counts("filter"), run.manifest
+    pool = sum(v for v in filtered.values() if isinstance(v, int))
+    choice = manifest.get("filter_choice") if isinstance(manifest.get("filter_choice"), dict) else {}
+    lines = []
+    removed = {rule: n for rule, n in filtered.items() if rule not in ("kept", "positive") and n}
+    if removed:
+        listed = ", ".join(f"{rule} {n}" for rule, n in sorted(removed.items(), key=lambda item: -item[1]))
+        lines.append(f"The filter removed {sum(removed.values())} of {pool} candidates ({listed}).")
+    expansion = choice.get("expansion")
+    if isinstance(expansion, dict):
+        lines.append(
+            f"The evidence cut (positive_expansion) took each query's top {expansion.get('expansion_depth')} "
+            "candidates by evidence of relevance (cosine with the query and with its positives, BM25): the "
+            f"deepest cut whose negatives keep {expansion.get('hardness_target')} x the query cosine of teacher "
+            f"ranks 11-50 ({expansion.get('negatives_cosine')} against {expansion.get('reference_cosine')})."
+        )
+    budget = choice.get("budget")
+    if isinstance(budget, dict):
+        if budget.get("applied"):
+            chosen = budget.get("chosen", {})
+            lines.append(
+                f"False-negative budget {budget.get('budget')}: hardness target {chosen.get('hardness_target')} "
+                f"chosen, measured at {chosen.get('rate', 0):.1%}"
+                + ("." if budget.get("met") else ", over the budget: no setting tried met it.")
+            )
+        else:
+            lines.append(f"False-negative budget {budget.get('budget')} not applied: {budget.get('why')}.")
+    estimate = manifest.get("false_negatives_estimate")
+    if isinstance(estimate, dict) and estimate.get("rate") is not None:
+        low, high = estimate.get("ci95", [None, None])
+        lines.append(
+            f"Estimated false-negative rate of the exported negatives: {estimate['rate']:.1%} (95% interval "
+            f"{low:.1%} to {high:.1%}; {estimate.get('false_negatives')} of {estimate.get('negatives')} negatives "
+            f"on {estimate.get('queries')} queries), by {estimate.get('method')}."
+        )
+    elif isinstance(estimate, dict):
+        lines.append(f"No false-negative rate could be estimated: {estimate.get('method')}.")
+    scored_above = run.negatives.filter(pl.col("negative_score") >= pl.col("positive_score")).height
+    if run.negatives.height:
+        lines.append(
+            f"The teacher scores {scored_above} of {run.negatives.height} negatives "
+            f"({scored_above / run.negatives.height:.0%}) at or above their positive: hard negatives; the rate "
+            "above, not this share, is the measure of false negatives."
+        )
+    return lines
+
+
+def _false_negatives_html(run: Run) -> str:
+    return "<h2>False negatives</h2>" + "".join(f"<p>{_e(line)}</p>" for line in false_negative_summary(run))
+
+
 def _scores_html(run: Run) -> str:
     scores = run.manifest.get("scores")
     if not isinstance(scores, dict) or not scores:
@@ -529,6 +583,7 @@ def render_html(run: Run) -> str:
         f"<body><h1>{_e(title)}</h1>"
         f"<p class='meta'>{_e(run.folder)} · written by <code>miner report</code></p>"
         f"{_summary_html(run)}"
+        f"{_false_negatives_html(run)}"
         f'<h2>Figures</h2><div class="figures">{figures}</div>'
         f"{_scores_html(run)}"
         f"{_examples_html(run)}"

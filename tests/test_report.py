@@ -232,3 +232,20 @@ def test_importing_the_cli_does_not_import_matplotlib() -> None:
     probe = "import sys, miner.cli, miner.report; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_false_negative_section_agrees_with_the_manifest(mined: Path, index: Path) -> None:
+    manifest = json.loads((mined / "manifest.json").read_text())
+    negatives = pl.read_parquet(mined / "negatives.parquet")
+    page = index.read_text(encoding="utf-8")
+    section = page.split("<h2>False negatives</h2>")[1].split("<h2>")[0]
+    expansion = manifest["filter_choice"]["expansion"]
+    assert f"top {expansion['expansion_depth']} candidates" in section
+    removed = manifest["counts"]["filter"]["positive_expansion"]
+    assert f"positive_expansion {removed}" in section
+    # tiny_beir has 5 queries: too few to hold positives out on, and the page says so rather than guess.
+    assert manifest["false_negatives_estimate"]["rate"] is None
+    assert "No false-negative rate could be estimated" in section
+    above = negatives.filter(pl.col("negative_score") >= pl.col("positive_score")).height
+    assert f"scores {above} of {negatives.height} negatives" in section
+    assert "likeliest false negatives" not in page
