@@ -30,7 +30,7 @@ import itertools
 
 from miner import schema
 from miner.audit import REFERENCE_MODEL, hold_out_positives, measure
-from miner.calibrate import HARDNESS_LADDER, HeldOut
+from miner.calibrate import HARDNESS_LADDER, HeldOut, within_budget
 from miner.config import MineConfig, load_config
 from miner.ingest import Ingested, ingest
 from miner.models import load_embedding_model, resolve_model
@@ -188,18 +188,14 @@ def collection_report(name: str, path: Path) -> dict:
             "measured": check.rate(config.filter, config.sample),
         }
         for budget in BUDGETS:
-            tried = []
-            for target in HARDNESS_LADDER:
-                setting = config.filter.model_copy(update={"hardness_target": target})
-                tried.append({"hardness_target": target, **calibration.rate(setting, config.sample)})
-                if tried[-1]["rate"] <= budget:
-                    break
-            chosen = tried[-1]["hardness_target"]
+            setting = config.filter.model_copy(update={"max_false_negatives": budget})
+            chosen_filter, record = within_budget(calibration, setting, config.sample)
             row[f"budget {budget}"] = {
-                "chosen": chosen,
-                "calibration_rate": tried[-1]["rate"],
-                "rejected_next_harder": tried[-2] if len(tried) > 1 else None,
-                "measured": check.rate(config.filter.model_copy(update={"hardness_target": chosen}), config.sample),
+                "chosen": record["chosen"]["hardness_target"],
+                "calibration_rate": record["chosen"]["rate"],
+                "calibration_upper": record["chosen"]["ci95"][1],
+                "rejected_next_harder": record["rejected_next_harder"],
+                "measured": check.rate(chosen_filter, config.sample),
             }
         folds.append(row)
     seconds = time.perf_counter() - started
@@ -284,7 +280,7 @@ def render(reports: dict[str, dict], transfer: dict[str, dict]) -> str:
             "half with all its positives, as a run sees them; measured by the audit on the other half.",
             "",
             "| fold | estimate (run's own) | measured (other half) | budget | chosen target | rate on calibration half "
-            "| measured rate | measured hardness | next harder, rejected |",
+            "(upper 95%) | measured rate | measured hardness | next harder, rejected (rate, upper 95%, hardness) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for number, fold in enumerate(report["folds"]):
@@ -292,14 +288,16 @@ def render(reports: dict[str, dict], transfer: dict[str, dict]) -> str:
                 b = fold[f"budget {budget}"]
                 rejected = b["rejected_next_harder"]
                 rejected_text = (
-                    f"{rejected['hardness_target']}: {rejected['rate']:.1%} @ {rejected['hardness']:.3f}"
+                    f"{rejected['hardness_target']}: {rejected['rate']:.1%}, {rejected['ci95'][1]:.1%}, "
+                    f"{rejected['hardness']:.3f}"
                     if rejected
                     else "— (hardest tried)"
                 )
                 lines.append(
                     f"| {number} | {fold['estimate']['rate']:.1%} (CI {_pct(fold['estimate']['ci95'][0])}-"
                     f"{_pct(fold['estimate']['ci95'][1])}) | {fold['measured']['rate']:.1%} | {budget:.2f} | "
-                    f"{b['chosen']} | {b['calibration_rate']:.1%} | {b['measured']['rate']:.1%} | "
+                    f"{b['chosen']} | {b['calibration_rate']:.1%} ({b['calibration_upper']:.1%}) | "
+                    f"{b['measured']['rate']:.1%} | "
                     f"{b['measured']['hardness']:.3f} | {rejected_text} |"
                 )
         lines.append(f"\nThis project's side took {report['ours_seconds']} s (one retrieval and scoring for all).")
