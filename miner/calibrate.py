@@ -42,6 +42,13 @@ def split_positives(qrels: pa.Table | pl.DataFrame) -> tuple[pl.DataFrame, pl.Da
     return given, hidden
 
 
+def multi_positive_queries(qrels: pa.Table) -> int:
+    """How many queries have two or more positives: the ones positives can be held out on."""
+    counts = pl.from_arrow(qrels.select(["query_id"]))
+    assert isinstance(counts, pl.DataFrame)
+    return counts.group_by("query_id").len().filter(pl.col("len") >= 2).height
+
+
 def wilson_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
     """95% confidence interval of a rate, sound near 0 where the normal approximation is not."""
     if total == 0:
@@ -119,10 +126,8 @@ def resolve_filter(
     with the estimated false-negative rate of what the run exports."""
     choice: dict[str, Any] = {}
     held_out = None
-    if config.expansion_depth != 0 and (config.max_false_negatives is not None or embeddings is not None):
+    if multi_positive_queries(qrels) >= MIN_HELD_OUT_QUERIES:
         held_out = HeldOut(pool, teacher_scores, qrels, corpus, embeddings)
-        if held_out.queries < MIN_HELD_OUT_QUERIES:
-            held_out = None
     if config.max_false_negatives is not None:
         config, choice["budget"] = within_budget(held_out, config, sample)
     requested = config

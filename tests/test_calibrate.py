@@ -114,3 +114,16 @@ def test_a_run_with_one_positive_per_query_says_it_cannot_measure(tmp_path: Path
     assert manifest["false_negatives_estimate"]["rate"] is None
     assert "two or more positives" in manifest["false_negatives_estimate"]["method"]
     assert manifest["filter_choice"]["budget"]["applied"] is False
+
+
+def test_the_estimate_is_measured_whatever_the_rule(scored_small) -> None:
+    data, config, scored, geometry = scored_small
+    rates = {}
+    for depth in (0, "auto"):
+        filt = config.filter.model_copy(update={"expansion_depth": depth})
+        _, choice = resolve_filter(
+            scored.pool, scored.teacher_scores, data.qrels, data.corpus, scored.embeddings, geometry, filt, config.sample
+        )
+        rates[depth] = choice["estimate"]["rate"]
+    # Without the evidence cut, the teacher's top candidates include the hidden positives it ranks first.
+    assert rates[0] > rates["auto"]
