@@ -122,7 +122,14 @@ def test_the_estimate_is_measured_whatever_the_rule(scored_small) -> None:
     for depth in (0, "auto"):
         filt = config.filter.model_copy(update={"expansion_depth": depth})
         _, choice = resolve_filter(
-            scored.pool, scored.teacher_scores, data.qrels, data.corpus, scored.embeddings, geometry, filt, config.sample
+            scored.pool,
+            scored.teacher_scores,
+            data.qrels,
+            data.corpus,
+            scored.embeddings,
+            geometry,
+            filt,
+            config.sample,
         )
         rates[depth] = choice["estimate"]["rate"]
     # Without the evidence cut, the teacher's top candidates include the hidden positives it ranks first.
