@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 KINDS = ("embeddings", "teacher", "bm25", "dense")  # dense: saved faiss indexes (miner/candidates.py)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MINER_CACHE_DIR", Path.home() / ".cache" / "hardneg-miner"))
-
-
 def _strings(values: list[str] | pa.Array | pa.ChunkedArray) -> pl.Series:
     if isinstance(values, pa.Array | pa.ChunkedArray):
         return pl.Series(values.cast(pa.large_string()), dtype=pl.String)

@@ -7,15 +7,15 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from miner import schema
+from miner.config import DenseIndexSpec
 from miner.export import atomic_write, write_json_atomic
 from miner.java import anserini_jar, start_jvm
 from miner.tables import drop_mapped_pages, file_sha256
@@ -155,7 +155,6 @@ def bm25_search(
 
 # --- dense ------------------------------------------------------------------------------------------
 
-DenseIndexKind = Literal["auto", "flat", "hnsw", "ivf"]
 # faiss's default: candidates kept per insertion while the HNSW graph is built.
 HNSW_EF_CONSTRUCTION = 40
 # IVF lists are trained by k-means on up to this many vectors per list (faiss warns below 39), for this many
@@ -163,27 +162,6 @@ HNSW_EF_CONSTRUCTION = 40
 IVF_TRAINING_VECTORS_PER_LIST = 64
 IVF_TRAINING_ROUNDS = 20
 INDEX_FILE_SUFFIX = ".faiss"
-
-
-@dataclass(frozen=True)
-class DenseIndexSpec:
-    """Which faiss index dense retrieval searches; the approximate ones' settings."""
-
-    kind: DenseIndexKind = "auto"
-    # "auto": exact search up to this many documents, HNSW above.
-    ann_threshold: int = 1_000_000
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 256
-    ivf_nprobe: int = 32
-    # Queries sampled to measure an approximate index's recall@k against exact search; 0 skips it.
-    recall_queries: int = 200
-    # IVF's k-means and the recall sample.
-    seed: int = 0
-
-    def resolve(self, documents: int) -> Literal["flat", "hnsw", "ivf"]:
-        if self.kind == "auto":
-            return "hnsw" if documents > self.ann_threshold else "flat"
-        return self.kind
 
 
 def ivf_lists(documents: int) -> int:

@@ -330,7 +330,7 @@ _CACHE_DIR = typer.Option("--cache-dir", help="cache folder [MINER_CACHE_DIR or 
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
-    from miner.cache import default_cache_dir
+    from miner.config import default_cache_dir
 
     return cache_dir or default_cache_dir()
 

@@ -5,14 +5,42 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from miner.cache import default_cache_dir
-from miner.candidates import DenseIndexKind, DenseIndexSpec
 from miner.errors import InputError
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MINER_CACHE_DIR", Path.home() / ".cache" / "hardneg-miner"))
+
+
+DenseIndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+
+
+@dataclass(frozen=True)
+class DenseIndexSpec:
+    """Which faiss index dense retrieval searches; the approximate ones' settings."""
+
+    kind: DenseIndexKind = "auto"
+    # "auto": exact search up to this many documents, HNSW above.
+    ann_threshold: int = 1_000_000
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 256
+    ivf_nprobe: int = 32
+    # Queries sampled to measure an approximate index's recall@k against exact search; 0 skips it.
+    recall_queries: int = 200
+    # IVF's k-means and the recall sample.
+    seed: int = 0
+
+    def resolve(self, documents: int) -> Literal["flat", "hnsw", "ivf"]:
+        if self.kind == "auto":
+            return "hnsw" if documents > self.ann_threshold else "flat"
+        return self.kind
+
 
 FilterMethod = Literal["none", "topk-abs", "topk-marginpos", "topk-percpos"]
 PositiveReference = Literal["min", "mean", "max"]
