@@ -523,7 +523,7 @@ def main() -> None:
         child(args)
         return
 
-    from miner.export import atomic_write, write_json_atomic
+    from miner.atomic import atomic_write, write_json_atomic
     from miner.java import java_heap
 
     results = Path(args.results)

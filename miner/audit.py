@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from miner import schema
+from miner.atomic import write_json_atomic, write_parquet_atomic
 from miner.config import SPEED_ONLY_MODEL_SETTINGS, MineConfig
 from miner.errors import InputError
-from miner.export import write_json_atomic, write_parquet_atomic
 from miner.ingest import Ingested
 from miner.models import Embeddings, resolve_model
 from miner.pipeline import Scored, embed, run_directly, score_candidates, select_negatives

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from miner.export import atomic_write
+from miner.atomic import atomic_write
 from miner.tables import file_sha256
 from miner.vectors import Allocator, in_memory, write_rows
 

@@ -15,8 +15,8 @@ import polars as pl
 import pyarrow as pa
 
 from miner import schema
+from miner.atomic import atomic_write, write_json_atomic
 from miner.config import DenseIndexSpec
-from miner.export import atomic_write, write_json_atomic
 from miner.java import anserini_jar, start_jvm
 from miner.tables import drop_mapped_pages, file_sha256
 from miner.vectors import exact_top_k, stacked

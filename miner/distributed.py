@@ -21,9 +21,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from miner.atomic import atomic_write
 from miner.cache import EmbeddingCache, TeacherScoreCache
 from miner.candidates import bm25_search, query_shards, ranked
-from miner.export import atomic_write
 from miner.models import (
     ModelRef,
     encode_chunk,

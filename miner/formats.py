@@ -24,6 +24,7 @@ import polars as pl
 import pyarrow as pa
 
 from miner import export, schema
+from miner.atomic import atomic_write, write_parquet_atomic
 
 LABELED_PAIRS_FILE = "labeled-pairs.parquet"
 MARGIN_MSE_FILE = "margin-mse.parquet"
@@ -146,7 +147,7 @@ def build_exports(
 
 
 def write_jsonl_atomic(table: pa.Table, path: Path, scratch: Path | None = None) -> None:
-    with export.atomic_write(path, scratch) as temporary:
+    with atomic_write(path, scratch) as temporary:
         pl.from_arrow(table).write_ndjson(temporary)
 
 
@@ -155,7 +156,7 @@ def write_exports(tables: dict[str, pa.Table], out: Path, scratch: Path | None =
         if name.endswith(".jsonl"):
             write_jsonl_atomic(table, out / name, scratch)
         else:
-            export.write_parquet_atomic(table, out / name, scratch)
+            write_parquet_atomic(table, out / name, scratch)
 
 
 def remove_unchosen(out: Path, formats: Sequence[str]) -> None:

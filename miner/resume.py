@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from miner.atomic import atomic_write, write_json_atomic, write_parquet_atomic
 from miner.config import SPEED_ONLY_MODEL_SETTINGS, MineConfig
 from miner.errors import disk_full_as_input_error
-from miner.export import atomic_write, write_json_atomic, write_parquet_atomic
 from miner.models import Embeddings
 from miner.tables import file_sha256
 from miner.vectors import backing_file

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from miner import export, formats
+from miner.atomic import write_json_atomic
 from miner.config import MineConfig
 from miner.distributed import ShardRunner
 from miner.errors import disk_full_as_input_error
@@ -83,7 +84,7 @@ def write_outputs(
         teacher=scored.teacher,
         choice=chosen.choice,
     )
-    export.write_json_atomic(manifest, out / export.MANIFEST_FILE, scratch=scratch)
+    write_json_atomic(manifest, out / export.MANIFEST_FILE, scratch=scratch)
     return manifest
 
 
