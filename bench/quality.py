@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -123,10 +124,12 @@ def query_fold(query_id: str) -> int:
     return hashlib.blake2b(query_id.encode(), digest_size=1).digest()[0] % 2
 
 
-def fold_of(data: Ingested, fold: int) -> pl.DataFrame:
+def fold_of(data: Ingested, fold: int) -> pa.Table:
+    """The judgements of the queries in one half of the collection (split by a hash of the query id)."""
     qrels = pl.from_arrow(data.qrels)
     assert isinstance(qrels, pl.DataFrame)
-    return qrels.filter(pl.col("query_id").map_elements(query_fold, return_dtype=pl.Int64) == fold)
+    half = qrels.filter(pl.col("query_id").map_elements(query_fold, return_dtype=pl.Int64) == fold)
+    return schema.conform(half, schema.QRELS)
 
 
 def collection_report(name: str, path: Path) -> dict:
@@ -168,20 +171,9 @@ def collection_report(name: str, path: Path) -> dict:
     # them), measured by the audit on the other half.
     folds = []
     for fold in (0, 1):
-        calibrate_on, measure_on = fold_of(data, fold), fold_of(data, 1 - fold)
-        calibration = HeldOut(
-            scored.pool,
-            scored.teacher_scores,
-            schema.conform(calibrate_on, schema.QRELS),
-            data.corpus,
-            scored.embeddings,
-        )
-        check = HeldOut(
-            scored.pool,
-            scored.teacher_scores,
-            schema.conform(measure_on, schema.QRELS),
-            data.corpus,
-            scored.embeddings,
+        calibration, check = (
+            HeldOut(scored.pool, scored.teacher_scores, fold_of(data, half), data.corpus, scored.embeddings)
+            for half in (fold, 1 - fold)
         )
         row = {
             "estimate": calibration.rate(config.filter, config.sample),
