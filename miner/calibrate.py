@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -47,6 +48,20 @@ def multi_positive_queries(qrels: pa.Table) -> int:
     counts = pl.from_arrow(qrels.select(["query_id"]))
     assert isinstance(counts, pl.DataFrame)
     return counts.group_by("query_id").len().filter(pl.col("len") >= 2).height
+
+
+def rate_interval(leaked: np.ndarray, negatives: np.ndarray) -> tuple[float, float]:
+    """95% interval of a false-negative rate measured over queries: the wider of Wilson's interval (sound near 0)
+    and a cluster-robust one. A query's negatives share its topic and err together, so the queries, not the
+    negatives, are the independent draws; counting negatives alone would claim too narrow an interval."""
+    total, hits = int(negatives.sum()), int(leaked.sum())
+    low, high = wilson_interval(hits, total)
+    queries = len(negatives)
+    if queries >= 2 and total:
+        rate = hits / total
+        spread = math.sqrt(queries / (queries - 1) * float(((leaked - rate * negatives) ** 2).sum())) / total
+        low, high = min(low, rate - 1.96 * spread), max(high, rate + 1.96 * spread)
+    return max(0.0, low), min(1.0, high)
 
 
 def wilson_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -94,10 +109,14 @@ class HeldOut:
             hardness = negatives.join(
                 cosines.rename({"doc_id": "negative_id"}), on=["query_id", "negative_id"], how="left"
             )["query_cosine"].mean()
-        leaked = negatives.join(
-            self.hidden.rename({"doc_id": "negative_id"}), on=["query_id", "negative_id"], how="semi"
-        ).height
-        low, high = wilson_interval(leaked, negatives.height)
+        hits = negatives.join(
+            self.hidden.rename({"doc_id": "negative_id"}).with_columns(_hidden=pl.lit(1)),
+            on=["query_id", "negative_id"],
+            how="left",
+        )
+        per_query_hits = hits.group_by("query_id").agg(negatives=pl.len(), leaked=pl.col("_hidden").fill_null(0).sum())
+        leaked = int(per_query_hits["leaked"].sum() or 0)
+        low, high = rate_interval(per_query_hits["leaked"].to_numpy(), per_query_hits["negatives"].to_numpy())
         return {
             "rate": round(leaked / negatives.height, 4) if negatives.height else 0.0,
             "ci95": [round(low, 4), round(high, 4)],

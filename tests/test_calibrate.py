@@ -134,3 +134,20 @@ def test_the_estimate_is_measured_whatever_the_rule(scored_small) -> None:
         rates[depth] = choice["estimate"]["rate"]
     # Without the evidence cut, the teacher's top candidates include the hidden positives it ranks first.
     assert rates[0] > rates["auto"]
+
+
+def test_rate_interval_widens_when_false_negatives_cluster_in_few_queries() -> None:
+    import numpy as np
+
+    from miner.calibrate import rate_interval
+
+    negatives = np.full(40, 5)
+    spread = np.zeros(40, dtype=int)
+    spread[:10] = 1  # 10 false negatives, one in each of 10 queries
+    clustered = np.zeros(40, dtype=int)
+    clustered[:2] = 5  # the same 10, all in 2 queries
+    assert rate_interval(spread, negatives)[0] >= 0.0
+    low_spread, high_spread = rate_interval(spread, negatives)
+    low_clustered, high_clustered = rate_interval(clustered, negatives)
+    assert low_spread <= 0.05 <= high_spread and low_clustered <= 0.05 <= high_clustered
+    assert high_clustered - low_clustered > high_spread - low_spread
