@@ -94,6 +94,9 @@ def mine(
     cache_dir: Annotated[Path | None, _opt("cache_dir", "cache folder [~/.cache/hardneg-miner]")] = None,
     bm25: Annotated[bool | None, _opt("bm25", "BM25 candidates [on]", "--bm25/--no-bm25")] = None,
     bm25_k: Annotated[int | None, _opt("bm25_k", "BM25 hits per query [100]")] = None,
+    language: Annotated[
+        str | None, _opt("language", "BM25 analyser: en, zh, ja, ko, de, fr, es, ar, ru, hi, ... or auto [en]")
+    ] = None,
     dense: Annotated[bool | None, _opt("dense", "dense candidates [on]", "--dense/--no-dense")] = None,
     dense_k: Annotated[int | None, _opt("dense_k", "dense hits per query [100]")] = None,
     dense_index: Annotated[

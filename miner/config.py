@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from miner.cache import default_cache_dir
 from miner.candidates import DenseIndexKind, DenseIndexSpec
 from miner.errors import InputError
+from miner.language import AUTO, LANGUAGES, supported
 
 FilterMethod = Literal["none", "topk-abs", "topk-marginpos", "topk-percpos"]
 PositiveReference = Literal["min", "mean", "max"]
@@ -36,6 +37,8 @@ class RetrievalConfig(_Section):
     bm25_k: int = Field(100, ge=1, description="BM25 hits per query")
     bm25_k1: float = Field(0.9, gt=0)
     bm25_b: float = Field(0.4, ge=0, le=1)
+    # BM25's analyser: a language code (miner/language.py lists them) or "auto", detected from a corpus sample.
+    language: str = "en"
     dense: bool = True
     dense_k: int = Field(100, ge=1, description="dense hits per query")
     # "auto": exact search (faiss IndexFlatIP) up to `ann_threshold` documents, HNSW above; or "flat", "hnsw",
@@ -48,6 +51,14 @@ class RetrievalConfig(_Section):
     ivf_nprobe: int = Field(_ANN.ivf_nprobe, ge=1, description="IVF lists searched per query")
     ann_recall_queries: int = Field(_ANN.recall_queries, ge=0, description="queries to measure recall on; 0 skips")
     rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
+
+    @field_validator("language")
+    @classmethod
+    def _supported_language(cls, value: str) -> str:
+        code = value.strip().lower()
+        if code != AUTO and code not in LANGUAGES:
+            raise ValueError(f"unsupported language '{value}' (supported: {supported()}, or {AUTO})")
+        return code
 
 
 # Model settings that change speed and memory, never which rows a run produces.
@@ -227,6 +238,7 @@ CLI_KEYS: dict[str, str] = {
     "cache_dir": "cache_dir",
     "bm25": "retrieval.bm25",
     "bm25_k": "retrieval.bm25_k",
+    "language": "retrieval.language",
     "dense": "retrieval.dense",
     "dense_k": "retrieval.dense_k",
     "dense_index": "retrieval.dense_index",

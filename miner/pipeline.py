@@ -32,6 +32,7 @@ from miner.distributed import (
 from miner.errors import InputError
 from miner.filter import filter_counts, positive_aware_filter
 from miner.ingest import Ingested
+from miner.language import choose_language
 from miner.models import (
     Embeddings,
     ModelHandle,
@@ -81,30 +82,35 @@ class Selected:
 
 def bm25_candidates(
     data: Ingested, config: MineConfig, shards: ShardRunner | None = None
-) -> tuple[pa.Table, dict[str, int]]:
+) -> tuple[pa.Table, dict[str, int | str]]:
     """BM25 top-k per query, over an index taken from the cache, grown from a cached one, or built.
 
     With `shards`, the query shards are searched on the workers, over the index in the shared cache folder.
     """
-    settings = {"k": config.retrieval.bm25_k, "k1": config.retrieval.bm25_k1, "b": config.retrieval.bm25_b}
+    language, analysis = choose_language(config.retrieval.language, data.corpus)
+    retrieval = config.retrieval
+    settings = {"k": retrieval.bm25_k, "k1": retrieval.bm25_k1, "b": retrieval.bm25_b, "language": language}
     if shards is None:
         search = functools.partial(candidates.bm25_search, queries=data.queries, threads=threads(config), **settings)
     else:
         workers = _workers(config, shards)
         search = functools.partial(sharded_bm25_search, queries=data.queries, workers=workers, **settings)
-    build = functools.partial(_index_rows, threads=threads(config))
+    build = functools.partial(_index_rows, threads=threads(config), language=language)
     folder = cache_dir(config)
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="miner-bm25-") as workdir:
             index_dir = Path(workdir) / "index"
             build(data.corpus, index_dir, False)
-            return search(index_dir), {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
-    entry, indexed = Bm25IndexCache(folder).index(candidates.bm25_index_settings(), data.corpus, build)
-    return search(entry), {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
+            counts = {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
+            return search(index_dir), {**counts, **analysis}
+    index_settings = candidates.bm25_index_settings(language)
+    entry, indexed = Bm25IndexCache(folder).index(index_settings, data.corpus, build)
+    counts = {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
+    return search(entry), {**counts, **analysis}
 
 
-def _index_rows(rows: pa.Table, folder: Path, append: bool, *, threads: int) -> None:
-    candidates.build_bm25_index(rows, folder, threads=threads, append=append)
+def _index_rows(rows: pa.Table, folder: Path, append: bool, *, threads: int, language: str) -> None:
+    candidates.build_bm25_index(rows, folder, threads=threads, append=append, language=language)
 
 
 def _documents(data: Ingested, doc_ids: pa.Array | None) -> pa.Table:
