@@ -104,7 +104,7 @@ def mine(
     ] = None,
     model: Annotated[str | None, _opt("model", "embedding model: bundled name or folder [all-MiniLM-L6-v2]")] = None,
     cross_encoder: Annotated[str | None, _opt("cross_encoder", "teacher cross-encoder (folder or id)")] = None,
-    batch_size: Annotated[int | None, _opt("batch_size", "encoding batch size [64]")] = None,
+    encode_batch_size: Annotated[int | None, _opt("encode_batch_size", "encoding batch size [64]")] = None,
     method: Annotated[str | None, _opt("method", "none | topk-abs | topk-marginpos | topk-percpos [none]")] = None,
     max_score: Annotated[float | None, _opt("max_score", "topk-abs ceiling [0.95]")] = None,
     margin: Annotated[float | None, _opt("margin", "topk-marginpos margin [0.05]")] = None,
@@ -136,8 +136,18 @@ def mine(
         typer.Option(
             "--format",
             help="training files to write, repeatable or comma-separated: negatives, triplets, ntuples, "
-            "labeled-pairs, flagembedding, tevatron, margin-mse, or all (default: negatives, triplets, ntuples; "
+            "labeled-pairs, flagembedding, tevatron, margin-mse, batched-triplets, batched-ntuples, batched (both; "
+            "with --batch-size), or all (every unbatched one; default: negatives, triplets, ntuples; "
             "negatives.parquet is always written)",
+            rich_help_panel="Output",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="rows per training batch of the batched formats (--format batched): conflict-free, topic-clustered",
             rich_help_panel="Output",
             show_default=False,
         ),

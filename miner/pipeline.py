@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from miner import candidates, sample, score
+from miner.batches import BatchContext, check_batch_size
 from miner.cache import Bm25IndexCache, EmbeddingCache, TeacherScoreCache
-from miner.config import MineConfig
+from miner.config import BATCHED_FORMATS, MineConfig
 from miner.distributed import (
     ShardRunner,
     Workers,
@@ -351,6 +353,35 @@ def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: St
     if selected.num_rows == 0:
         raise no_negatives_error(counts, scored.pool.num_rows)
     return Selected(judged, selected, {"filter": counts, "sample": sample_counts})
+
+
+def batch_context(negatives: pa.Table, data: Ingested, scored: Scored, config: MineConfig) -> BatchContext | None:
+    """What the batched formats need besides the rows, or None when none is chosen. The embeddings are the run's
+    own; a run without them (cross-encoder teacher, no dense retrieval, no geometry rule) encodes the queries
+    and the passages the rows and judgements name (from the cache when it has them)."""
+    if not any(name in BATCHED_FORMATS for name in config.formats):
+        return None
+    assert config.batches.size is not None  # the config refuses batched formats without a size
+    check_batch_size(config.batches.size, pc.count_distinct(negatives["query_id"]).as_py(), "the mined rows")
+    named = pa.chunked_array(
+        [*negatives["positive_id"].chunks, *negatives["negative_id"].chunks, *data.qrels["doc_id"].chunks]
+    )
+    embeddings = scored.embeddings
+    if embeddings is None:
+        embeddings = embed(data, resolve_model(config.models.embedding_model), config, pc.unique(named))
+    queries, documents = embeddings
+    return BatchContext(
+        size=config.batches.size,
+        seed=config.sample.seed,
+        near_copy=config.batches.near_copy,
+        check_negatives=config.batches.check_negatives,
+        qrels=pl.from_arrow(data.qrels.select(["query_id", "doc_id"])),
+        text_hashes=pl.from_arrow(rows_named(data.corpus, "doc_id", named).select(["doc_id", "text_hash"])),
+        query_ids=queries.ids.to_pylist(),
+        query_vectors=queries.vectors,
+        doc_ids=documents.ids.to_pylist(),
+        doc_vectors=documents.vectors,
+    )
 
 
 def no_negatives_error(counts: dict[str, int], pool_size: int) -> InputError:
