@@ -355,7 +355,9 @@ def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: St
     return Selected(judged, selected, {"filter": counts, "sample": sample_counts})
 
 
-def batch_context(negatives: pa.Table, data: Ingested, scored: Scored, config: MineConfig) -> BatchContext | None:
+def batch_context(
+    negatives: pa.Table, data: Ingested, embeddings: tuple[Embeddings, Embeddings] | None, config: MineConfig
+) -> BatchContext | None:
     """What the batched formats need besides the rows, or None when none is chosen. The embeddings are the run's
     own; a run without them (cross-encoder teacher, no dense retrieval, no geometry rule) encodes the queries
     and the passages the rows and judgements name (from the cache when it has them)."""
@@ -366,7 +368,6 @@ def batch_context(negatives: pa.Table, data: Ingested, scored: Scored, config: M
     named = pa.chunked_array(
         [*negatives["positive_id"].chunks, *negatives["negative_id"].chunks, *data.qrels["doc_id"].chunks]
     )
-    embeddings = scored.embeddings
     if embeddings is None:
         embeddings = embed(data, resolve_model(config.models.embedding_model), config, pc.unique(named))
     queries, documents = embeddings

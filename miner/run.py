@@ -75,7 +75,7 @@ def write_outputs(
     # Without its manifest the folder reads as unfinished while its files are replaced one by one.
     (out / export.MANIFEST_FILE).unlink(missing_ok=True)
     negatives = export.training_rows(chosen.selected, data.queries, data.corpus)
-    batching = batch_context(negatives, data, scored, config)
+    batching = batch_context(negatives, data, scored.embeddings, config)
     outputs, export_counts, batch_counts = formats.build_exports(
         negatives, config.formats, config.sample.num_negatives, batching
     )
