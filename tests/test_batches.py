@@ -248,3 +248,20 @@ def test_batches_are_topic_clusters() -> None:
 def test_refused_before_anything_is_written(args: tuple[str, ...], message: str, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     refused(("mine", data, "--out", out, "--quiet", *args), message, out)
+
+
+def test_a_run_without_embeddings_encodes_what_batching_needs(
+    tiny_beir: Path, tiny_cross_encoder: Path, tmp_path: Path
+) -> None:
+    """A cross-encoder teacher over BM25 alone, no geometry rule: the run has no embeddings of its own."""
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(
+        "mine", tiny_beir, "--out", out, "--quiet", "--no-dense", "--cross-encoder", tiny_cross_encoder,
+        "--expansion-depth", "0", "--num-negatives", "1", "--format", "batched-triplets", "--batch-size", "2",
+    )  # fmt: skip
+    assert code == 0, stderr
+    stats = json.loads((out / "manifest.json").read_text())["counts"]["batches"]
+    batched = pl.read_parquet(out / "batched-triplets.parquet")
+    assert stats["batched-triplets.rows_placed"] == batched.height > 0
+    assert stats["batched-triplets.conflicts"] == 0
+    assert 0 < stats["batched-triplets.hardness"] <= 1  # real vectors, not the zeros of a missing embedding
