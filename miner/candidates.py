@@ -18,6 +18,7 @@ from miner import schema
 from miner.atomic import atomic_write, write_json_atomic
 from miner.config import DenseIndexSpec
 from miner.java import anserini_jar, start_jvm
+from miner.language import analyzer_name
 from miner.tables import drop_mapped_pages, file_sha256
 from miner.vectors import exact_top_k, stacked
 
@@ -44,9 +45,25 @@ def ranked(frame: pl.DataFrame) -> pa.Table:
 # --- BM25 -------------------------------------------------------------------------------------------
 
 
-def bm25_index_settings() -> str:
+def bm25_index_settings(language: str = "en") -> str:
     """What decides the index's content besides the documents: a cached index is reused only if it matches."""
-    return f"analyzer=anserini-default-english;fields=id,contents;jar={anserini_jar().name}"
+    # English keeps the key it had before languages existed, so English indexes already cached stay valid.
+    analyzer = "anserini-default-english" if language == "en" else f"{analyzer_name(language)};language={language}"
+    return f"analyzer={analyzer};fields=id,contents;jar={anserini_jar().name}"
+
+
+def _indexer(index_dir: Path, append: bool, threads: int, language: str) -> Any:
+    """Anserini's SimpleIndexer with the analyser of `language` (its default English one for `en`)."""
+    from jnius import autoclass  # the caller started the JVM
+
+    simple_indexer = autoclass("io.anserini.index.SimpleIndexer")
+    if language == "en":
+        return simple_indexer(str(index_dir), append, int(threads))
+    # Only the argument form picks another analyser: Anserini's `-language`, as pyserini's LuceneIndexer passes
+    # it. `-input` is unused (documents come from us); the RAM buffer is the one the plain constructor uses.
+    arguments = ["-index", str(index_dir), "-input", "", "-collection", "JsonCollection"]
+    arguments += ["-threads", str(int(threads)), "-language", language, "-memoryBuffer", "2048"]
+    return simple_indexer([*arguments, *(["-append"] if append else [])])
 
 
 # A table, or tables / record batches one after another (Parquet shards read batch by batch, say).
@@ -66,19 +83,17 @@ def build_bm25_index(
     batch_size: int = 10_000,
     append: bool = False,
     commit_bytes: int = COMMIT_TEXT_BYTES,
+    language: str = "en",
 ) -> int:
-    """Index (doc_id, text) rows into a Lucene index at `index_dir` (Anserini's default English analyser).
+    """Index (doc_id, text) rows into a Lucene index at `index_dir`, analysed for `language` (miner/language.py).
 
     Only one batch of `batch_size` texts is held in Python at a time. With `append`, the rows are added to the
     index already there. Returns the number of documents Lucene indexed.
     """
     start_jvm()
-    from jnius import autoclass  # after start_jvm: importing jnius starts the JVM
-
     # Anserini's Java classes directly: pyserini's Python wrappers import torch and transformers (seconds of
     # start-up) for encoders BM25 never uses.
-    simple_indexer = autoclass("io.anserini.index.SimpleIndexer")
-    indexer = simple_indexer(str(index_dir), append, int(threads))
+    indexer = _indexer(index_dir, append, threads, language)
     given = indexed = uncommitted = 0
     try:
         for batch in _record_batches(corpus, batch_size):
@@ -91,7 +106,7 @@ def build_bm25_index(
             if uncommitted >= commit_bytes:
                 indexer.close()
                 indexer = None  # not closed twice should reopening fail
-                indexer = simple_indexer(str(index_dir), True, int(threads))
+                indexer = _indexer(index_dir, True, threads, language)
                 uncommitted = 0
     finally:
         if indexer is not None:
@@ -116,13 +131,25 @@ def _json_documents(batch: pa.RecordBatch) -> list[str]:
 
 
 def bm25_search(
-    index_dir: Path, queries: pa.Table, *, k: int, threads: int, k1: float = 0.9, b: float = 0.4
+    index_dir: Path,
+    queries: pa.Table,
+    *,
+    k: int,
+    threads: int,
+    k1: float = 0.9,
+    b: float = 0.4,
+    language: str = "en",
 ) -> pa.Table:
-    """QUERIES -> RETRIEVED: BM25 top-k per query, searched `threads` at a time inside Lucene."""
+    """QUERIES -> RETRIEVED: BM25 top-k per query, searched `threads` at a time inside Lucene.
+
+    The queries are analysed for `language`: it must be the language the index was built with.
+    """
     start_jvm()
     from jnius import autoclass  # after start_jvm: importing jnius starts the JVM
 
     searcher = autoclass("io.anserini.search.SimpleSearcher")(str(index_dir))
+    if language != "en":
+        searcher.set_language(language)
     java_list = autoclass("java.util.ArrayList")
     searcher.set_bm25(float(k1), float(b))
     query_ids: list[str] = []

@@ -94,6 +94,9 @@ def mine(
     cache_dir: Annotated[Path | None, _opt("cache_dir", "cache folder [~/.cache/hardneg-miner]")] = None,
     bm25: Annotated[bool | None, _opt("bm25", "BM25 candidates [on]", "--bm25/--no-bm25")] = None,
     bm25_k: Annotated[int | None, _opt("bm25_k", "BM25 hits per query [100]")] = None,
+    language: Annotated[
+        str | None, _opt("language", "BM25 analyser: en, zh, ja, ko, de, fr, es, ar, ru, hi, ... or auto [en]")
+    ] = None,
     dense: Annotated[bool | None, _opt("dense", "dense candidates [on]", "--dense/--no-dense")] = None,
     dense_k: Annotated[int | None, _opt("dense_k", "dense hits per query [200]")] = None,
     bm25_evidence_k: Annotated[
@@ -104,7 +107,7 @@ def mine(
     ] = None,
     model: Annotated[str | None, _opt("model", "embedding model: bundled name or folder [all-MiniLM-L6-v2]")] = None,
     cross_encoder: Annotated[str | None, _opt("cross_encoder", "teacher cross-encoder (folder or id)")] = None,
-    batch_size: Annotated[int | None, _opt("batch_size", "encoding batch size [64]")] = None,
+    encode_batch_size: Annotated[int | None, _opt("encode_batch_size", "encoding batch size [64]")] = None,
     method: Annotated[str | None, _opt("method", "none | topk-abs | topk-marginpos | topk-percpos [none]")] = None,
     max_score: Annotated[float | None, _opt("max_score", "topk-abs ceiling [0.95]")] = None,
     margin: Annotated[float | None, _opt("margin", "topk-marginpos margin [0.05]")] = None,
@@ -147,8 +150,18 @@ def mine(
         typer.Option(
             "--format",
             help="training files to write, repeatable or comma-separated: negatives, triplets, ntuples, "
-            "labeled-pairs, flagembedding, tevatron, margin-mse, or all (default: negatives, triplets, ntuples; "
+            "labeled-pairs, flagembedding, tevatron, margin-mse, batched-triplets, batched-ntuples, batched (both; "
+            "with --batch-size), or all (every unbatched one; default: negatives, triplets, ntuples; "
             "negatives.parquet is always written)",
+            rich_help_panel="Output",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="rows per training batch of the batched formats (--format batched): conflict-free, topic-clustered",
             rich_help_panel="Output",
             show_default=False,
         ),

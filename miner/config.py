@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from miner.errors import InputError
+from miner.language import AUTO, LANGUAGES, supported
 
 
 def default_cache_dir() -> Path:
@@ -47,9 +48,23 @@ PositiveReference = Literal["min", "mean", "max"]
 SamplingStrategy = Literal["top", "random", "simans"]
 Engine = Literal["auto", "local", "prefect"]
 # Training files a run can write (miner/formats.py); `all` on the command line or in TOML picks every one.
-ExportFormat = Literal["negatives", "triplets", "ntuples", "labeled-pairs", "flagembedding", "tevatron", "margin-mse"]
+ExportFormat = Literal[
+    "negatives",
+    "triplets",
+    "ntuples",
+    "labeled-pairs",
+    "flagembedding",
+    "tevatron",
+    "margin-mse",
+    "batched-triplets",
+    "batched-ntuples",
+]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 DEFAULT_FORMATS: tuple[str, ...] = ("negatives", "triplets", "ntuples")
+# Ordered into training batches (miner/batches.py): they need `batches.size`, so `all` leaves them out and
+# `batched` picks both.
+BATCHED_FORMATS: tuple[str, ...] = ("batched-triplets", "batched-ntuples")
+ALL_FORMATS: tuple[str, ...] = tuple(name for name in EXPORT_FORMATS if name not in BATCHED_FORMATS)
 
 
 class _Section(BaseModel):
@@ -64,6 +79,8 @@ class RetrievalConfig(_Section):
     bm25_k: int = Field(100, ge=1, description="BM25 hits per query")
     bm25_k1: float = Field(0.9, gt=0)
     bm25_b: float = Field(0.4, ge=0, le=1)
+    # BM25's analyser: a language code (miner/language.py lists them) or "auto", detected from a corpus sample.
+    language: str = "en"
     dense: bool = True
     # 200, not 100: the false-negative filter drops the candidates with the most evidence of relevance, and on a
     # collection with dozens of relevant passages per query it needs room below them to find hard negatives.
@@ -81,6 +98,14 @@ class RetrievalConfig(_Section):
     ivf_nprobe: int = Field(_ANN.ivf_nprobe, ge=1, description="IVF lists searched per query")
     ann_recall_queries: int = Field(_ANN.recall_queries, ge=0, description="queries to measure recall on; 0 skips")
     rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
+
+    @field_validator("language")
+    @classmethod
+    def _supported_language(cls, value: str) -> str:
+        code = value.strip().lower()
+        if code != AUTO and code not in LANGUAGES:
+            raise ValueError(f"unsupported language '{value}' (supported: {supported()}, or {AUTO})")
+        return code
 
 
 # Model settings that change speed and memory, never which rows a run produces.
@@ -159,6 +184,27 @@ class SampleConfig(_Section):
     simans_b: float = 0.0
 
 
+class BatchConfig(_Section):
+    # Rows per training batch in the batched formats: every run of `size` rows of those files is one batch.
+    size: int | None = None
+    # A passage whose cosine with a query's labelled positive reaches this is a near-copy of it, and so answers
+    # that query: it may not sit in that query's batch.
+    near_copy: float = Field(0.95, gt=0, le=1)
+    # Keep the other rows' negatives, not only their positives, from answering a query of the batch: the loss
+    # scores every passage of the batch against every query.
+    check_negatives: bool = True
+
+    @field_validator("size")
+    @classmethod
+    def _two_rows_at_least(cls, size: int | None) -> int | None:
+        if size is not None and size < 2:
+            raise ValueError(
+                f"a training batch of {size} row(s) has no in-batch negatives (they are the other rows' passages); "
+                "give 2 or more"
+            )
+        return size
+
+
 class MineConfig(_Section):
     data: Path
     out: Path
@@ -189,6 +235,7 @@ class MineConfig(_Section):
     models: ModelConfig = ModelConfig()
     filter: FilterConfig = FilterConfig()
     sample: SampleConfig = SampleConfig()
+    batches: BatchConfig = BatchConfig()
     # Which training files to write. Changes no row, only which files the rows go to.
     formats: list[ExportFormat] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
 
@@ -221,6 +268,18 @@ class MineConfig(_Section):
             raise ValueError("give either dask_address (an existing cluster) or workers (a local one), not both")
         if self.dask_address is not None and not re.match(r"^(tcp|tls|inproc|ucx)://[^\s]+$", self.dask_address):
             raise ValueError(f"dask_address '{self.dask_address}' is not a scheduler address such as tcp://host:8786")
+        return self
+
+    @model_validator(mode="after")
+    def _batches_with_batched_formats(self) -> MineConfig:
+        batched = [name for name in self.formats if name in BATCHED_FORMATS]
+        if batched and self.batches.size is None:
+            raise ValueError(f"format {batched[0]} needs a batch size: give batches.size (--batch-size B)")
+        if self.batches.size is not None and not batched:
+            raise ValueError(
+                "batches.size orders only the batched formats, and none is chosen: add --format batched "
+                "(batched-triplets, batched-ntuples)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -272,12 +331,14 @@ CLI_KEYS: dict[str, str] = {
     "cache_dir": "cache_dir",
     "bm25": "retrieval.bm25",
     "bm25_k": "retrieval.bm25_k",
+    "language": "retrieval.language",
     "dense": "retrieval.dense",
     "dense_k": "retrieval.dense_k",
     "dense_index": "retrieval.dense_index",
     "model": "models.embedding_model",
     "cross_encoder": "models.cross_encoder",
-    "batch_size": "models.batch_size",
+    "encode_batch_size": "models.batch_size",
+    "batch_size": "batches.size",
     "method": "filter.method",
     "max_score": "filter.max_score",
     "margin": "filter.margin",
@@ -314,10 +375,14 @@ def normalise_formats(value: Any) -> Any:
     if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
         return value  # not strings: pydantic reports the type
     names = [name.strip() for item in items for name in item.split(",") if name.strip()]
-    unknown = [name for name in names if name not in {*EXPORT_FORMATS, "all"}]
+    unknown = [name for name in names if name not in {*EXPORT_FORMATS, "all", "batched"}]
     if unknown:
-        raise ValueError(f"unknown format '{unknown[0]}' (known: {', '.join(EXPORT_FORMATS)}, or all)")
-    chosen = set(EXPORT_FORMATS) if "all" in names else {*names, "negatives"}
+        raise ValueError(f"unknown format '{unknown[0]}' (known: {', '.join(EXPORT_FORMATS)}, batched, or all)")
+    chosen = {*names, "negatives"}
+    if "all" in names:
+        chosen.update(ALL_FORMATS)
+    if "batched" in names:
+        chosen.update(BATCHED_FORMATS)
     return [name for name in EXPORT_FORMATS if name in chosen]
 
 

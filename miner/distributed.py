@@ -91,9 +91,12 @@ def search_shard(query_vectors: str, doc_vectors: str, start: int, stop: int, k:
     return stop - start
 
 
-def bm25_shard(index_dir: str, shard: str, k: int, k1: float, b: float, threads: int, out: str) -> int:
+def bm25_shard(
+    index_dir: str, shard: str, k: int, k1: float, b: float, threads: int, out: str, language: str = "en"
+) -> int:
     """BM25 top-k of one query shard over the index at a shared path (each worker starts its own JVM)."""
-    retrieved = bm25_search(Path(index_dir), pq.read_table(shard), k=k, threads=threads, k1=k1, b=b)
+    queries = pq.read_table(shard)
+    retrieved = bm25_search(Path(index_dir), queries, k=k, threads=threads, k1=k1, b=b, language=language)
     with atomic_write(Path(out)) as temporary:
         pq.write_table(retrieved, temporary)
     return retrieved.num_rows
@@ -164,7 +167,7 @@ def sharded_exact_search(
 
 
 def sharded_bm25_search(
-    index_dir: Path, *, queries: pa.Table, k: int, k1: float, b: float, workers: Workers
+    index_dir: Path, *, queries: pa.Table, k: int, k1: float, b: float, workers: Workers, language: str = "en"
 ) -> pa.Table:
     """`candidates.bm25_search` with its query shards on the workers; the same rows, in the same order."""
     workers.scratch.mkdir(parents=True, exist_ok=True)
@@ -173,11 +176,11 @@ def sharded_bm25_search(
         path = workers.scratch / f"bm25-queries-{number:05d}.parquet"
         pq.write_table(queries.select(["query_id", "text"]).slice(start, stop - start), path)
         out = workers.scratch / f"bm25-{number:05d}.parquet"
-        items.append((str(index_dir), str(path), k, k1, b, workers.threads, str(out)))
+        items.append((str(index_dir), str(path), k, k1, b, workers.threads, str(out), language))
     workers.shards("bm25-search", bm25_shard, items)
-    found = [pl.read_parquet(item[-1]) for item in items]
+    found = [pl.read_parquet(item[6]) for item in items]
     if not found:
-        return bm25_search(index_dir, queries, k=k, threads=workers.threads, k1=k1, b=b)
+        return bm25_search(index_dir, queries, k=k, threads=workers.threads, k1=k1, b=b, language=language)
     return ranked(pl.concat(found).select("query_id", "doc_id", "score"))
 
 

@@ -48,23 +48,38 @@ def triplets(negatives: pa.Table) -> pa.Table:
     return schema.conform(frame.rename({"query": "anchor"}), schema.TRIPLETS)
 
 
+def complete_pairs(negatives: pa.Table, num_negatives: int) -> tuple[pl.DataFrame, int]:
+    """(one row per (query, positive) with all n negatives: ids, texts, `negative_ids` and `negatives` lists cut
+    to n, in the sampler's order; how many pairs had fewer)."""
+    frame = pl.from_arrow(negatives.select(["query_id", "positive_id", "negative_id", "query", "positive", "negative"]))
+    grouped = frame.group_by(["query_id", "positive_id"], maintain_order=True).agg(
+        anchor=pl.col("query").first(),
+        positive=pl.col("positive").first(),
+        negative_ids=pl.col("negative_id").head(num_negatives),
+        negatives=pl.col("negative").head(num_negatives),
+        count=pl.len(),
+    )
+    complete = grouped.filter(pl.col("count") >= num_negatives).drop("count")
+    return complete, grouped.height - complete.height
+
+
 def ntuples(negatives: pa.Table, num_negatives: int) -> tuple[pa.Table, int]:
     """(anchor, positive, negative_1..n), one row per (query, positive) that got all n negatives.
 
     Trainers need every row to have the same columns, so pairs with fewer negatives are left out of
     this shape (they stay in negatives.parquet and triplets.parquet) and counted.
     """
-    frame = pl.from_arrow(negatives.select(["query_id", "positive_id", "query", "positive", "negative"]))
-    grouped = frame.group_by(["query_id", "positive_id"], maintain_order=True).agg(
-        anchor=pl.col("query").first(), positive=pl.col("positive").first(), negatives=pl.col("negative")
-    )
-    complete = grouped.filter(pl.col("negatives").list.len() >= num_negatives)
+    complete, incomplete = complete_pairs(negatives, num_negatives)
+    return wide_ntuples(complete, num_negatives), incomplete
+
+
+def wide_ntuples(complete: pl.DataFrame, num_negatives: int) -> pa.Table:
     wide = complete.select(
         "anchor",
         "positive",
         *[pl.col("negatives").list.get(i).alias(f"negative_{i + 1}") for i in range(num_negatives)],
     )
-    return schema.conform(wide, schema.ntuples_schema(num_negatives)), grouped.height - complete.height
+    return schema.conform(wide, schema.ntuples_schema(num_negatives))
 
 
 def score_statistics(negatives: pa.Table) -> dict[str, dict[str, float]]:

@@ -9,6 +9,8 @@
 | margin-mse | margin-mse.parquet | (anchor, positive, negative, teacher margin) | sentence-transformers MarginMSELoss |
 | flagembedding | flagembedding.jsonl | {query, pos, neg, pos_scores, neg_scores} | FlagEmbedding fine-tuning |
 | tevatron | tevatron.jsonl | {query_id, query, positive_passages, negative_passages} | Tevatron training |
+| batched-triplets | batched-triplets.parquet | triplets in training-batch order, with `batch` | MNRL, in file order |
+| batched-ntuples | batched-ntuples.parquet | ntuples in training-batch order, with `batch` | MNRL, in file order |
 
 The JSONL formats hold one line per (query, positive), not per query: each positive keeps the negatives that
 were sampled for it and the teacher scores they were sampled by, and both trainers draw one positive per line
@@ -25,11 +27,14 @@ import pyarrow as pa
 
 from miner import export, schema
 from miner.atomic import atomic_write, write_parquet_atomic
+from miner.batches import BatchContext, batch_counts, order_batches, training_rows
 
 LABELED_PAIRS_FILE = "labeled-pairs.parquet"
 MARGIN_MSE_FILE = "margin-mse.parquet"
 FLAGEMBEDDING_FILE = "flagembedding.jsonl"
 TEVATRON_FILE = "tevatron.jsonl"
+BATCHED_TRIPLETS_FILE = "batched-triplets.parquet"
+BATCHED_NTUPLES_FILE = "batched-ntuples.parquet"
 
 # Format name (config `formats`, CLI `--format`) -> file name, in the order files are written.
 FILES: dict[str, str] = {
@@ -40,6 +45,8 @@ FILES: dict[str, str] = {
     "flagembedding": FLAGEMBEDDING_FILE,
     "tevatron": TEVATRON_FILE,
     "margin-mse": MARGIN_MSE_FILE,
+    "batched-triplets": BATCHED_TRIPLETS_FILE,
+    "batched-ntuples": BATCHED_NTUPLES_FILE,
 }
 
 _PAIR = ["query_id", "positive_id"]
@@ -127,23 +134,43 @@ _BUILDERS: dict[str, Callable[[pa.Table], pa.Table]] = {
 
 
 def build_exports(
-    negatives: pa.Table, formats: Sequence[str], num_negatives: int
-) -> tuple[dict[str, pa.Table], dict[str, int]]:
-    """NEGATIVES -> (file name -> table for each chosen format, rows per file for the manifest)."""
+    negatives: pa.Table, formats: Sequence[str], num_negatives: int, batching: BatchContext | None = None
+) -> tuple[dict[str, pa.Table], dict[str, int], dict[str, int | float]]:
+    """NEGATIVES -> (file name -> table for each chosen format, rows per file, what the batched files hold).
+
+    `batching` is needed (and only used) by the batched formats.
+    """
     tables: dict[str, pa.Table] = {}
     counts: dict[str, int] = {}
+    batch_stats: dict[str, int | float] = {}
     for name, file_name in FILES.items():
         if name not in formats:
             continue
-        if name == "ntuples":
+        if name in ("ntuples", "batched-ntuples"):
             # Its width is num_negatives, and the pairs it leaves out are worth counting.
-            tables[file_name], incomplete = export.ntuples(negatives, num_negatives)
-            counts[file_name] = tables[file_name].num_rows
+            complete, incomplete = export.complete_pairs(negatives, num_negatives)
+            tables[file_name] = export.wide_ntuples(complete, num_negatives)
             counts["ntuples_incomplete_pairs_left_out"] = incomplete
+            keys = complete.select("query_id", "positive_id", "negative_ids")
         else:
-            tables[file_name] = _BUILDERS[name](negatives)
-            counts[file_name] = tables[file_name].num_rows
-    return tables, counts
+            tables[file_name] = _BUILDERS[name.removeprefix("batched-")](negatives)
+            keys = pl.from_arrow(negatives.select(["query_id", "positive_id", "negative_id"])).select(
+                "query_id", "positive_id", negative_ids=pl.concat_list("negative_id")
+            )
+        if name.startswith("batched-"):
+            assert batching is not None, "a batched format needs the batching context"
+            tables[file_name], stats = in_batches(tables[file_name], keys, batching)
+            batch_stats.update({f"{name}.{key}": value for key, value in stats.items()})
+        counts[file_name] = tables[file_name].num_rows
+    return tables, counts, batch_stats
+
+
+def in_batches(table: pa.Table, keys: pl.DataFrame, batching: BatchContext) -> tuple[pa.Table, dict[str, int | float]]:
+    """`table`'s rows (described by `keys`) in conflict-free training batches, with their `batch` column."""
+    rows = training_rows(keys, batching)
+    ordered = order_batches(rows, batching.size, batching.seed)
+    batched = table.take(pa.array(ordered.rows)).append_column(schema.BATCH, pa.array(ordered.batch, pa.int32()))
+    return batched, batch_counts(rows, ordered, batching.size, batching.seed)
 
 
 def write_jsonl_atomic(table: pa.Table, path: Path, scratch: Path | None = None) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from miner.batches import check_batch_size
 from miner.config import MineConfig
 from miner.errors import InputError
 from miner.ingest import Ingested
@@ -145,7 +146,9 @@ def memory_warnings(data: Ingested, config: MineConfig) -> list[str]:
 
 
 def check_resources(data: Ingested, config: MineConfig) -> list[str]:
-    """Refuse what cannot fit on disk; return warnings about memory."""
+    """Refuse what cannot fit on disk or into training batches; return warnings about memory."""
+    queries = pc.count_distinct(data.qrels["query_id"]).as_py()
+    check_batch_size(config.batches.size, queries, "the input (queries with a positive)")
     check_disk(disk_needs(data, config))
     warnings = memory_warnings(data, config)
     for warning in warnings:

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from miner import calibrate, candidates, sample, score
+from miner.batches import BatchContext, check_batch_size
 from miner.cache import Bm25IndexCache, EmbeddingCache, TeacherScoreCache
-from miner.config import MineConfig
+from miner.config import BATCHED_FORMATS, MineConfig
 from miner.distributed import (
     ShardRunner,
     Workers,
@@ -32,6 +34,7 @@ from miner.distributed import (
 from miner.errors import InputError
 from miner.filter import filter_counts, positive_aware_filter
 from miner.ingest import Ingested
+from miner.language import choose_language
 from miner.models import (
     Embeddings,
     ModelHandle,
@@ -83,26 +86,31 @@ class Selected:
 
 def bm25_candidates(
     data: Ingested, config: MineConfig, shards: ShardRunner | None = None
-) -> tuple[pa.Table, dict[str, int]]:
+) -> tuple[pa.Table, dict[str, int | str]]:
     """BM25 top-k per query, over an index taken from the cache, grown from a cached one, or built.
 
     With `shards`, the query shards are searched on the workers, over the index in the shared cache folder.
     """
-    settings = {"k": bm25_depth(config), "k1": config.retrieval.bm25_k1, "b": config.retrieval.bm25_b}
+    language, analysis = choose_language(config.retrieval.language, data.corpus)
+    retrieval = config.retrieval
+    settings = {"k": bm25_depth(config), "k1": retrieval.bm25_k1, "b": retrieval.bm25_b, "language": language}
     if shards is None:
         search = functools.partial(candidates.bm25_search, queries=data.queries, threads=threads(config), **settings)
     else:
         workers = _workers(config, shards)
         search = functools.partial(sharded_bm25_search, queries=data.queries, workers=workers, **settings)
-    build = functools.partial(_index_rows, threads=threads(config))
+    build = functools.partial(_index_rows, threads=threads(config), language=language)
     folder = cache_dir(config)
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="miner-bm25-") as workdir:
             index_dir = Path(workdir) / "index"
             build(data.corpus, index_dir, False)
-            return search(index_dir), {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
-    entry, indexed = Bm25IndexCache(folder).index(candidates.bm25_index_settings(), data.corpus, build)
-    return search(entry), {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
+            counts = {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
+            return search(index_dir), {**counts, **analysis}
+    index_settings = candidates.bm25_index_settings(language)
+    entry, indexed = Bm25IndexCache(folder).index(index_settings, data.corpus, build)
+    counts = {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
+    return search(entry), {**counts, **analysis}
 
 
 def bm25_depth(config: MineConfig) -> int:
@@ -112,8 +120,8 @@ def bm25_depth(config: MineConfig) -> int:
     return max(retrieval.bm25_k, retrieval.bm25_evidence_k if reads_evidence else 0)
 
 
-def _index_rows(rows: pa.Table, folder: Path, append: bool, *, threads: int) -> None:
-    candidates.build_bm25_index(rows, folder, threads=threads, append=append)
+def _index_rows(rows: pa.Table, folder: Path, append: bool, *, threads: int, language: str) -> None:
+    candidates.build_bm25_index(rows, folder, threads=threads, append=append, language=language)
 
 
 def _documents(data: Ingested, doc_ids: pa.Array | None) -> pa.Table:
@@ -361,6 +369,36 @@ def select_negatives(scored: Scored, data: Ingested, config: MineConfig, run: St
     if selected.num_rows == 0:
         raise no_negatives_error(counts, scored.pool.num_rows)
     return Selected(judged, selected, {"filter": counts, "sample": sample_counts}, choice)
+
+
+def batch_context(
+    negatives: pa.Table, data: Ingested, embeddings: tuple[Embeddings, Embeddings] | None, config: MineConfig
+) -> BatchContext | None:
+    """What the batched formats need besides the rows, or None when none is chosen. The embeddings are the run's
+    own; a run without them (cross-encoder teacher, no dense retrieval, no geometry rule) encodes the queries
+    and the passages the rows and judgements name (from the cache when it has them)."""
+    if not any(name in BATCHED_FORMATS for name in config.formats):
+        return None
+    assert config.batches.size is not None  # the config refuses batched formats without a size
+    check_batch_size(config.batches.size, pc.count_distinct(negatives["query_id"]).as_py(), "the mined rows")
+    named = pa.chunked_array(
+        [*negatives["positive_id"].chunks, *negatives["negative_id"].chunks, *data.qrels["doc_id"].chunks]
+    )
+    if embeddings is None:
+        embeddings = embed(data, resolve_model(config.models.embedding_model), config, pc.unique(named))
+    queries, documents = embeddings
+    return BatchContext(
+        size=config.batches.size,
+        seed=config.sample.seed,
+        near_copy=config.batches.near_copy,
+        check_negatives=config.batches.check_negatives,
+        qrels=pl.from_arrow(data.qrels.select(["query_id", "doc_id"])),
+        text_hashes=pl.from_arrow(rows_named(data.corpus, "doc_id", named).select(["doc_id", "text_hash"])),
+        query_ids=queries.ids.to_pylist(),
+        query_vectors=queries.vectors,
+        doc_ids=documents.ids.to_pylist(),
+        doc_vectors=documents.vectors,
+    )
 
 
 def no_negatives_error(counts: dict[str, int], pool_size: int) -> InputError:

@@ -36,7 +36,18 @@ log = logging.getLogger(__name__)
 KEY_FILE = "run-key.json"
 # Settings that change only speed, what is shown or which files the rows go to, never rows: a re-run that
 # differs only in these resumes.
-RUNTIME_ONLY = {"out", "show_progress", "threads", "cache", "cache_dir", "engine", "dask_address", "workers", "formats"}
+RUNTIME_ONLY = {
+    "out",
+    "show_progress",
+    "threads",
+    "cache",
+    "cache_dir",
+    "engine",
+    "dask_address",
+    "workers",
+    "formats",
+    "batches",  # orders the batched files' rows at export, which is never checkpointed
+}
 
 
 def work_dir(out: Path) -> Path:

@@ -21,7 +21,15 @@ from miner.guards import check_resources
 from miner.ingest import Ingested, ingest
 from miner.lock import output_lock
 from miner.manifest import build_manifest, check_output_writable
-from miner.pipeline import Scored, Selected, StageRunner, run_directly, score_candidates, select_negatives
+from miner.pipeline import (
+    Scored,
+    Selected,
+    StageRunner,
+    batch_context,
+    run_directly,
+    score_candidates,
+    select_negatives,
+)
 from miner.resume import StageStore, resumable, run_key, work_dir
 
 log = logging.getLogger(__name__)
@@ -68,10 +76,15 @@ def write_outputs(
     # Without its manifest the folder reads as unfinished while its files are replaced one by one.
     (out / export.MANIFEST_FILE).unlink(missing_ok=True)
     negatives = export.training_rows(chosen.selected, data.queries, data.corpus)
-    outputs, export_counts = formats.build_exports(negatives, config.formats, config.sample.num_negatives)
+    batching = batch_context(negatives, data, scored.embeddings, config)
+    outputs, export_counts, batch_counts = formats.build_exports(
+        negatives, config.formats, config.sample.num_negatives, batching
+    )
     formats.remove_unchosen(out, config.formats)
     formats.write_exports(outputs, out, scratch=scratch)
     counts = {"ingest": data.counts, **scored.counts, **chosen.counts, "export": export_counts}
+    if batch_counts:
+        counts["batches"] = batch_counts
     manifest = build_manifest(
         config=config,
         models=scored.models,

@@ -96,6 +96,16 @@ def ntuples_schema(num_negatives: int) -> pa.Schema:
     )
 
 
+# batched-triplets.parquet / batched-ntuples.parquet: the same columns in training-batch order, and the batch each
+# row belongs to (0, 0, ..., 1, 1, ...): every run of `batches.size` rows is one batch.
+BATCH = pa.field("batch", pa.int32())
+BATCHED_TRIPLETS = pa.schema([*TRIPLETS, BATCH])
+
+
+def batched_ntuples_schema(num_negatives: int) -> pa.Schema:
+    return pa.schema([*ntuples_schema(num_negatives), BATCH])
+
+
 # labeled-pairs.parquet: one row per distinct (query, positive) with label 1 and (query, negative) with label 0.
 # Only these three columns: sentence-transformers' trainers take every column but the label as model input.
 LABELED_PAIRS = pa.schema([("query", _str), ("passage", _str), ("label", pa.float32())])

@@ -45,6 +45,18 @@ def run_cli(*args: str | Path) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def refused(args: tuple[str | Path, ...], message: str, out: Path) -> str:
+    """Run the CLI and check it refused: exit code 2, one line starting with `message`, no traceback, no `out`.
+    Returns the line."""
+    code, stdout, stderr = run_cli(*args)
+    assert code == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith(message), stderr
+    assert "Traceback" not in stdout + stderr
+    assert not out.exists()
+    return stderr
+
+
 def miner_process(*args: str | Path, cwd: Path, **env_updates: str) -> subprocess.CompletedProcess[str]:
     """`miner` as its own process, with no Prefect API unless one is passed (so the stages run in process)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env_updates

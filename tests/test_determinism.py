@@ -29,7 +29,7 @@ def test_batch_sizes_and_threads_change_no_row_and_the_seed_does(tiny_beir: Path
     again = pq.read_table(_mine(tiny_beir, tmp_path / "b"))
     assert first.equals(again)  # bit for bit when nothing changes
 
-    other = pq.read_table(_mine(tiny_beir, tmp_path / "c", "--batch-size", 5, "--threads", 1))
+    other = pq.read_table(_mine(tiny_beir, tmp_path / "c", "--encode-batch-size", 5, "--threads", 1))
     assert other.select(ROW_IDENTITY).equals(first.select(ROW_IDENTITY))
     # Padding differs with the batch, so the matrix products differ in the last bits of float32 (measured:
     # up to 1.4e-7 in an embedding), never more.

@@ -19,11 +19,11 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_cli
+from conftest import refused, run_cli
 from datasets import Dataset, load_dataset
 
 from miner import formats
-from miner.config import DEFAULT_FORMATS, EXPORT_FORMATS, load_config
+from miner.config import ALL_FORMATS, DEFAULT_FORMATS, EXPORT_FORMATS, load_config
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -79,11 +79,13 @@ def _pairs(negatives: pl.DataFrame) -> pl.DataFrame:
 def test_manifest_lists_exactly_the_files_written(mined: Path) -> None:
     manifest = json.loads((mined / "manifest.json").read_text())
     written = sorted(path.name for path in mined.iterdir())
-    assert written == sorted(manifest["files"]) == sorted([*formats.FILES.values(), "manifest.json"])
+    # `all` is every format but the batched ones, which need a batch size (tests/test_batches.py).
+    files = [formats.FILES[name] for name in ALL_FORMATS]
+    assert written == sorted(manifest["files"]) == sorted([*files, "manifest.json"])
     exported = manifest["counts"]["export"]
-    for name in formats.FILES.values():
+    for name in files:
         assert exported[name] == _file_rows(mined / name) > 0, name
-    assert manifest["config"]["formats"] == list(EXPORT_FORMATS)
+    assert manifest["config"]["formats"] == list(ALL_FORMATS)
 
 
 def test_rerun_with_fewer_formats_leaves_only_its_files(mined: Path, tiny_beir: Path, tmp_path: Path) -> None:
@@ -102,12 +104,8 @@ def test_rerun_with_fewer_formats_leaves_only_its_files(mined: Path, tiny_beir: 
 
 def test_unknown_format_is_one_line_and_writes_nothing(tiny_beir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli("mine", tiny_beir, "--out", out, "--format", "triplets,nonsense")
-    assert code == 2
-    assert len(stderr.strip().splitlines()) == 1
-    assert stderr.startswith("error: command line: formats: unknown format 'nonsense'")
-    assert "Traceback" not in stdout + stderr
-    assert not out.exists()
+    args = ("mine", tiny_beir, "--out", out, "--format", "triplets,nonsense")
+    refused(args, "error: command line: formats: unknown format 'nonsense'", out)
 
 
 @pytest.mark.parametrize(
@@ -115,12 +113,14 @@ def test_unknown_format_is_one_line_and_writes_nothing(tiny_beir: Path, tmp_path
     [
         (None, list(DEFAULT_FORMATS)),
         (["tevatron,triplets", "margin-mse"], ["negatives", "triplets", "tevatron", "margin-mse"]),
-        ("all", list(EXPORT_FORMATS)),
+        ("all", list(ALL_FORMATS)),
+        ("batched,ntuples", ["negatives", "ntuples", "batched-triplets", "batched-ntuples"]),
         ([], ["negatives"]),
     ],
 )
 def test_formats_setting(given: Any, chosen: list[str], tmp_path: Path) -> None:
-    config = load_config(None, {"data": tmp_path, "out": tmp_path / "out", "formats": given})
+    size = 4 if "batched-triplets" in chosen else None  # batched formats need a batch size
+    config = load_config(None, {"data": tmp_path, "out": tmp_path / "out", "formats": given, "batches.size": size})
     assert config.formats == chosen
 
 

@@ -1,0 +1,267 @@
+"""Batch-aware export on Cranfield: conflict-free batches checked from the judgements and texts (not from the
+code that built them), every row placed once or counted, one seed one order, and a real training step in the
+file's own order."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import cranfield_subset, refused, run_cli
+
+from miner.batches import TrainingRows, batch_hardness, order_batches
+from miner.ingest import ingest
+
+BATCH = 8
+NUM_NEGATIVES = 2
+NEAR_COPY = 0.95
+
+
+def _mine(data: Path, out: Path, *extra: str) -> Path:
+    code, _, stderr = run_cli(
+        "mine", data, "--out", out, "--quiet", "--num-negatives", str(NUM_NEGATIVES),
+        "--format", "batched", "--batch-size", str(BATCH), *extra,
+    )  # fmt: skip
+    assert code == 0, stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Cranfield's first 30 queries: several judged passages each, so batches of 8 meet real constraints.
+    return cranfield_subset(tmp_path_factory.mktemp("batches") / "beir", num_queries=30, extra_docs=60)
+
+
+@pytest.fixture(scope="module")
+def mined(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _mine(data, tmp_path_factory.mktemp("batched") / "out")
+
+
+@pytest.fixture(scope="module")
+def manifest(mined: Path) -> dict:
+    return json.loads((mined / "manifest.json").read_text())
+
+
+def _groups(frame: pl.DataFrame) -> list[pl.DataFrame]:
+    return [frame.slice(start, BATCH) for start in range(0, frame.height, BATCH)]
+
+
+def test_batch_column_cuts_the_file_into_runs_of_the_batch_size(mined: Path, manifest: dict) -> None:
+    for name in ("batched-triplets.parquet", "batched-ntuples.parquet"):
+        frame = pl.read_parquet(mined / name)
+        assert frame.height % BATCH == 0 and frame.height > 0
+        expected = np.repeat(np.arange(frame.height // BATCH), BATCH)
+        assert frame["batch"].to_list() == expected.tolist()
+        assert manifest["counts"]["batches"][f"{name.removesuffix('.parquet')}.batches"] == frame.height // BATCH
+    assert pl.read_parquet(mined / "batched-ntuples.parquet").columns == [
+        "anchor", "positive", *[f"negative_{i + 1}" for i in range(NUM_NEGATIVES)], "batch"
+    ]  # fmt: skip
+
+
+def test_every_mined_row_is_placed_once_or_counted(mined: Path, manifest: dict) -> None:
+    negatives = pl.read_parquet(mined / "negatives.parquet")
+    mined_rows = Counter(negatives.select("query", "positive", "negative").rows())
+    batched = pl.read_parquet(mined / "batched-triplets.parquet")
+    placed = Counter(batched.select("anchor", "positive", "negative").rows())
+    assert not placed - mined_rows  # nothing invented, nothing placed twice
+    stats = manifest["counts"]["batches"]
+    assert stats["batched-triplets.rows_unplaced"] == sum((mined_rows - placed).values())
+    assert stats["batched-triplets.rows_placed"] == batched.height
+    assert batched.height + stats["batched-triplets.rows_unplaced"] == negatives.height
+
+
+def _answers(data: Path, embedding_model, texts: list[str]) -> dict[str, set[str]]:
+    """Per query text, the texts that answer it: its judged positives (score >= 1), their copies and the texts
+    whose cosine with one of them reaches NEAR_COPY; worked out here from the collection and the model."""
+    ingested = ingest(data)
+    corpus = dict(zip(ingested.corpus["doc_id"].to_pylist(), ingested.corpus["text"].to_pylist(), strict=True))
+    queries = dict(zip(ingested.queries["query_id"].to_pylist(), ingested.queries["text"].to_pylist(), strict=True))
+    judged: dict[str, set[str]] = {}
+    for judgement in ingested.qrels.select(["query_id", "doc_id"]).to_pylist():
+        query_id, doc_id = judgement["query_id"], judgement["doc_id"]
+        judged.setdefault(queries[query_id], set()).add(corpus[doc_id])
+    every = sorted({*texts, *(text for positives in judged.values() for text in positives)})
+    vectors = embedding_model.encode(every, normalize_embeddings=True, batch_size=64)
+    row = {text: i for i, text in enumerate(every)}
+    answers = {}
+    for query, positives in judged.items():
+        similarity = (vectors @ vectors[[row[p] for p in positives]].T).max(axis=1)
+        answers[query] = positives | {every[i] for i in np.flatnonzero(similarity >= NEAR_COPY)}
+    return answers
+
+
+def test_no_batch_holds_a_conflict(mined: Path, data: Path, embedding_model) -> None:
+    triplets = pl.read_parquet(mined / "batched-triplets.parquet")
+    ntuples = pl.read_parquet(mined / "batched-ntuples.parquet")
+    texts = [t for frame in (triplets, ntuples) for c in frame.columns if c != "batch" for t in frame[c].to_list()]
+    answers = _answers(data, embedding_model, texts)
+    checked = 0
+    for frame in (triplets, ntuples):
+        passages = [c for c in frame.columns if c not in ("anchor", "batch")]
+        for group in _groups(frame):
+            assert group["anchor"].n_unique() == BATCH, "two rows of one query in a batch"
+            for i, query in enumerate(group["anchor"]):
+                for j, row in enumerate(group.select(passages).rows()):
+                    if i != j:
+                        assert not answers[query] & set(row), (query, row)
+                        checked += 1
+    assert checked > 0
+
+
+def test_manifest_counts_conflicts_and_hardness_against_random_order(manifest: dict) -> None:
+    stats = manifest["counts"]["batches"]
+    for name in ("batched-triplets", "batched-ntuples"):
+        assert stats[f"{name}.conflicts"] == 0
+        # A shuffled order of the same rows would have put conflicting rows together.
+        assert stats[f"{name}.conflicts_avoided"] > 0
+        assert -1 <= stats[f"{name}.hardness"] <= 1 and -1 <= stats[f"{name}.hardness_random_order"] <= 1
+
+
+def test_one_seed_one_order_another_seed_another(mined: Path, data: Path, tmp_path: Path) -> None:
+    again = _mine(data, tmp_path / "again")
+    other = _mine(data, tmp_path / "other", "--seed", "7")
+    name = "batched-triplets.parquet"
+    assert pl.read_parquet(again / name).equals(pl.read_parquet(mined / name))
+    # Another seed samples and orders differently; the batches stay conflict-free (checked above for one seed).
+    assert not pl.read_parquet(other / name).equals(pl.read_parquet(mined / name))
+
+
+def test_trains_a_step_in_the_files_order(mined: Path, bundled_model_path: Path, tmp_path: Path) -> None:
+    """SentenceTransformerTrainer with MNRL sees exactly the file's batches: the README's way of loading it."""
+    from datasets import load_dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from torch.utils.data import SequentialSampler
+
+    def in_file_order(dataset, batch_size, drop_last, **_):
+        return DefaultBatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=drop_last)
+
+    path = str(mined / "batched-triplets.parquet")
+    dataset = load_dataset("parquet", data_files=path, split="train", cache_dir=str(tmp_path / "cache"))
+    batches = dataset["batch"]
+    train = dataset.remove_columns("batch")
+    model = SentenceTransformer(str(bundled_model_path), device="cpu")
+    model.max_seq_length = 32
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "trained"), per_device_train_batch_size=BATCH, batch_sampler=in_file_order,
+        max_steps=1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0, seed=3,
+    )  # fmt: skip
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=train, loss=MultipleNegativesRankingLoss(model)
+    )
+    seen = [list(indices) for indices in trainer.get_train_dataloader().batch_sampler]
+    assert [sorted({batches[i] for i in indices}) for indices in seen] == [[n] for n in range(len(seen))]
+    assert sum(len(indices) for indices in seen) == len(train)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 1
+    (loss,) = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert np.isfinite(loss)
+    assert any(not torch_equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+# --- what cannot be placed, and refusals -------------------------------------------------------------------
+
+
+def _rows(queries: list[int], docs: list[set[int]], forbidden: list[set[int]]) -> TrainingRows:
+    """Rows of the given queries, each bringing `docs[row]`; query q is answered by `forbidden[q]`."""
+    vectors = np.eye(10, dtype=np.float32)
+    return TrainingRows(
+        query=np.array(queries),
+        positive=np.array([min(d) for d in docs]),
+        docs=[frozenset(d) for d in docs],
+        forbidden=[frozenset(f) for f in forbidden],
+        query_vectors=vectors[: len(forbidden)],
+        doc_vectors=vectors,
+    )
+
+
+def test_rows_that_only_conflict_are_counted_not_placed() -> None:
+    # Passages 5, 6 and 7 answer both queries 0 and 1, and each of their rows brings one: neither may meet the
+    # other in a batch. Query 2 is free, and can pair with only one of them at a time.
+    rows = _rows([0, 0, 1, 1, 2, 2], [{5}, {6}, {7}, {5}, {8}, {9}], [{5, 6, 7}, {5, 6, 7}, {8, 9}])
+    ordered = order_batches(rows, size=2, seed=1)
+    placed = ordered.rows.tolist()
+    assert len(placed) + ordered.unplaced == 6
+    for start in range(0, len(placed), 2):
+        assert {rows.query[r] for r in placed[start : start + 2]} in ({0, 2}, {1, 2})
+    assert len(placed) == 4 and ordered.unplaced == 2
+
+
+def test_a_query_with_more_rows_than_batches_leaves_the_rest_counted() -> None:
+    rows = _rows([0, 0, 0, 0, 1], [{1}, {2}, {3}, {4}, {6}], [{1}, {6}])
+    ordered = order_batches(rows, size=2, seed=1)
+    assert ordered.rows.size == 2 and ordered.unplaced == 3
+    assert ordered.batch.tolist() == [0, 0]
+
+
+def test_batches_are_topic_clusters() -> None:
+    """Four topics of four queries each (their vectors and positives near one axis each): every batch of four is one
+    topic, so hardness is well above a random order's, and the seed only changes which rows and in what order."""
+    rng = np.random.default_rng(0)
+    topics = np.repeat(np.arange(4), 4)
+    axes = np.eye(8, dtype=np.float32)[:4]
+    query_vectors = axes[topics] + 0.05 * rng.standard_normal((16, 8)).astype(np.float32)
+    query_vectors /= np.linalg.norm(query_vectors, axis=1, keepdims=True)
+    queries = np.repeat(np.arange(16), 2)  # two rows per query, each with its own positive
+    rows = TrainingRows(
+        query=queries,
+        positive=np.arange(32),
+        docs=[frozenset([row]) for row in range(32)],
+        forbidden=[frozenset(np.flatnonzero(queries == q).tolist()) for q in range(16)],
+        query_vectors=query_vectors,
+        doc_vectors=query_vectors[queries],
+    )
+    for seed in (1, 2):
+        ordered = order_batches(rows, size=4, seed=seed)
+        assert ordered.unplaced == 0
+        for start in range(0, 32, 4):
+            assert len({topics[rows.query[r]] for r in ordered.rows[start : start + 4]}) == 1
+        assert batch_hardness(rows, ordered.rows, 4) > 0.9 > batch_hardness(rows, rng.permutation(32), 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--format", "batched", "--batch-size", "1"), "error: command line: batches.size: a training batch of 1"),
+        (("--format", "batched"), "error: command line: config: format batched-triplets needs a batch size"),
+        (("--batch-size", "4"), "error: command line: config: batches.size orders only the batched formats"),
+        (("--format", "batched", "--batch-size", "31"), "error: --batch-size: a batch of 31 rows needs 31 distinct"),
+    ],
+)
+def test_refused_before_anything_is_written(args: tuple[str, ...], message: str, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    refused(("mine", data, "--out", out, "--quiet", *args), message, out)
+
+
+def test_a_run_without_embeddings_encodes_what_batching_needs(
+    tiny_beir: Path, tiny_cross_encoder: Path, tmp_path: Path
+) -> None:
+    """A cross-encoder teacher over BM25 alone, no geometry rule: the run has no embeddings of its own."""
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(
+        "mine", tiny_beir, "--out", out, "--quiet", "--no-dense", "--cross-encoder", tiny_cross_encoder,
+        "--expansion-depth", "0", "--num-negatives", "1", "--format", "batched-triplets", "--batch-size", "2",
+    )  # fmt: skip
+    assert code == 0, stderr
+    stats = json.loads((out / "manifest.json").read_text())["counts"]["batches"]
+    batched = pl.read_parquet(out / "batched-triplets.parquet")
+    assert stats["batched-triplets.rows_placed"] == batched.height > 0
+    assert stats["batched-triplets.conflicts"] == 0
+    assert 0 < stats["batched-triplets.hardness"] <= 1  # real vectors, not the zeros of a missing embedding
