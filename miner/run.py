@@ -8,6 +8,7 @@ each stage a task, so both mine and write exactly the same way.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,15 @@ from miner.guards import check_resources
 from miner.ingest import Ingested, ingest
 from miner.lock import output_lock
 from miner.manifest import build_manifest, check_output_writable
-from miner.pipeline import Scored, Selected, StageRunner, run_directly, score_candidates, select_negatives
+from miner.pipeline import (
+    Scored,
+    Selected,
+    StageRunner,
+    resolve_models,
+    run_directly,
+    score_candidates,
+    select_negatives,
+)
 from miner.resume import StageStore, resumable, run_key, work_dir
 
 log = logging.getLogger(__name__)
@@ -66,6 +75,8 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     # Without its manifest the folder reads as unfinished while its files are replaced one by one.
     (out / export.MANIFEST_FILE).unlink(missing_ok=True)
+    # A report drawn from the run being replaced would show its numbers beside this run's files.
+    shutil.rmtree(out / export.REPORT_DIR, ignore_errors=True)
     negatives = export.training_rows(chosen.selected, data.queries, data.corpus)
     outputs, export_counts = formats.build_exports(negatives, config.formats, config.sample.num_negatives)
     formats.remove_unchosen(out, config.formats)
@@ -100,9 +111,12 @@ def mine(
     timings: dict[str, float] = {}
     run = timed(run, timings)
     check_output_writable(config.out)
+    resolve_models(config)  # a model that is not there, or not a cross-encoder, is refused before any work
     with output_lock(config.out):
         data = run("ingest", ingest_from_config, config)
-        logger.info("ingested %s", data.counts)
+        logger.info(
+            "ingested %s", ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in data.counts.items())
+        )
         run("guard", check_resources, data, config)
         store = StageStore(config.out, run_key(config, data.input_hashes))
         resumed: list[str] = []

@@ -232,3 +232,30 @@ def test_importing_the_cli_does_not_import_matplotlib() -> None:
     probe = "import sys, miner.cli, miner.report; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_captions_show_code_not_backticks(index: Path) -> None:
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", index.read_text(encoding="utf-8"))
+    assert captions and not [caption for caption in captions if "`" in caption]
+    assert any("<code>positive</code>" in caption for caption in captions)
+
+
+def test_re_mining_removes_the_stale_report_and_the_new_one_names_its_run(
+    mined: Path, tiny_beir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(mined, out)
+    code, stdout, stderr = run_cli("report", out)
+    assert code == 0, stderr
+    old = json.loads((out / "manifest.json").read_text())
+    assert old["run_id"] in Path(stdout.strip()).read_text(encoding="utf-8")
+
+    code, _, stderr = run_cli("mine", tiny_beir, "--out", out, "-q", "--num-negatives", "3")
+    assert code == 0, stderr
+    assert not (out / "report").exists()  # it showed the replaced run's numbers
+    new = json.loads((out / "manifest.json").read_text())
+    assert new["run_id"] != old["run_id"]
+    code, stdout, stderr = run_cli("report", out)
+    assert code == 0, stderr
+    page = Path(stdout.strip()).read_text(encoding="utf-8")
+    assert new["run_id"] in page and new["created"] in page and old["run_id"] not in page

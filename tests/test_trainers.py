@@ -105,7 +105,7 @@ def test_unknown_format_is_one_line_and_writes_nothing(tiny_beir: Path, tmp_path
     code, stdout, stderr = run_cli("mine", tiny_beir, "--out", out, "--format", "triplets,nonsense")
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1
-    assert stderr.startswith("error: command line: formats: unknown format 'nonsense'")
+    assert stderr.startswith("error: --format: unknown format 'nonsense'")
     assert "Traceback" not in stdout + stderr
     assert not out.exists()
 
