@@ -124,3 +124,34 @@ def test_allow_untrained_head_lets_the_bi_encoder_through_and_a_real_cross_encod
     # The tests' random cross-encoder is saved with its head: its scores are random, but not a fresh head's.
     _, teacher = resolve_models(load_config(None, {**base, "models.cross_encoder": str(tiny_cross_encoder)}))
     assert teacher is not None and teacher.origin == "local"
+
+
+def test_one_progress_bar_counts_every_text_across_chunks(
+    embedding_model, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+
+    from miner import models
+
+    texts = [f"query number {n} about lift" for n in range(7)]
+    table = pa.table({"query_id": [str(n) for n in range(7)], "text": texts, "text_hash": texts})
+    monkeypatch.setattr(models, "ENCODE_CHUNK", 3)  # three chunks: a bar per chunk would restart twice
+    embeddings = models.embed_table(
+        embedding_model, table, id_column="query_id", kind="query", batch_size=2, show_progress=True
+    )
+    assert embeddings.encoded == 7
+    shown = capsys.readouterr().err
+    assert "Encoding queries" in shown and "querys" not in shown
+    totals = {part.split("/")[1].split()[0] for part in shown.replace("\r", "\n").split("|") if "/" in part}
+    assert totals == {"7"}, shown  # one bar, over all seven texts
+
+
+def test_inspect_prints_a_flag_as_true_not_as_one(tmp_path: Path) -> None:
+    import json
+
+    manifest = {"teacher": "t", "counts": {"dense_index": {"exact": True, "documents": 3}}, "scores": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, _ = run_cli("inspect", tmp_path)
+    assert code == 0
+    lines = {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.startswith("  ")}
+    assert lines["exact"] == "true" and lines["documents"] == "3"
