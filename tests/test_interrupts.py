@@ -118,3 +118,44 @@ def test_sigterm_under_prefect_ends_with_one_line_and_resumes_to_the_same_rows(
     moments = [("after bm25", 0.0), ("after embed", 0.0), ("writing outputs", 0.0)]
     in_flight = _trials(tiny_beir, tmp_path, moments, signal.SIGTERM, api_url=prefect_server)
     assert in_flight >= len(moments) - 1
+
+
+def test_ctrl_c_of_a_dask_run_stops_its_workers_and_server_and_ends_with_one_line(
+    tiny_beir: Path, tmp_path: Path
+) -> None:
+    # Ctrl-C in a terminal signals the whole process group: the run, its Dask workers and its temporary Prefect
+    # server. No PREFECT_API_URL, so the run starts that server itself.
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = ["mine", str(tiny_beir), "--out", str(out), "-q", "--no-cache", "--workers", "2"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "miner.cli", *command],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert wait_for(work_dir(out) / "shards", process), "the run ended before it sent shards to the workers"
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        # Generous, but short of the minute a flow spent retrying its reports to a server that died with the group.
+        _, stderr = process.communicate(timeout=45)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the test failed: leave no run behind
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1].startswith("error: interrupted by SIGINT; ")
+    assert not [line for line in stderr.splitlines() if "Traceback" in line or "Error" in line], stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break  # no worker, nanny or server is left
+        time.sleep(0.2)
+    else:
+        pytest.fail("processes of the interrupted run are still running")
+    assert not lock_path(out).exists() and not list(tmp_path.glob("hs_err_pid*"))
+    assert_nothing_partial(out)
