@@ -284,6 +284,10 @@ def audit(
     settings = {name: load_config(config, {**base, **overrides}) for name, overrides in named}
     first = next(iter(settings.values()))
     check_output_writable(out)
+    from miner.pipeline import resolve_models
+
+    for each in settings.values():
+        resolve_models(each)  # every setting's models found, and each cross-encoder checked, before any work
     data_tables = ingest(first.data, split=first.split, min_relevance=first.min_relevance)
     report = run_audit(data_tables, settings)
     write_report(report, out, settings)

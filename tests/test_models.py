@@ -155,3 +155,12 @@ def test_inspect_prints_a_flag_as_true_not_as_one(tmp_path: Path) -> None:
     assert code == 0
     lines = {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.startswith("  ")}
     assert lines["exact"] == "true" and lines["documents"] == "3"
+
+
+def test_audit_refuses_a_bi_encoder_as_cross_encoder_before_reading_the_data(tmp_path: Path) -> None:
+    out, data = tmp_path / "audit", tmp_path / "not-read-yet"  # ingest would refuse it: the model comes first
+    setting = "ce: models.cross_encoder=all-MiniLM-L6-v2"
+    code, _, stderr = run_cli("audit", data, "--out", out, "--setting", "plain: filter.pct=0.9", "-s", setting)
+    assert code == 2
+    assert _one_line(stderr).startswith("error: all-MiniLM-L6-v2: not a cross-encoder: ")
+    assert not out.exists()
