@@ -119,15 +119,25 @@ def _hub_timeout() -> float:
     return seconds
 
 
+def _json_field(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path`, or None when the file, the object or the key is not there."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document.get(key) if isinstance(document, dict) else None
+
+
 def check_cross_encoder(ref: ModelRef) -> None:
     """Refuse a model whose classification head CrossEncoder would initialise at random (a bi-encoder, a base
     model): its scores would be noise, and every negative ranked by them."""
-    config_file = Path(ref.location) / "config.json"
-    try:
-        architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        architectures = []
+    folder = Path(ref.location)
+    architectures = _json_field(folder / "config.json", "architectures") or []
     if any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        return
+    # sentence-transformers saves a CrossEncoder as such, whatever scores it (a causal LM reranker has no
+    # ...ForSequenceClassification head and still scores as trained).
+    if _json_field(folder / "config_sentence_transformers.json", "model_type") == "CrossEncoder":
         return
     what = f"its weights are a {', '.join(architectures)}" if architectures else "its config.json names no architecture"
     raise InputError(

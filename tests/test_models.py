@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli
 
 from miner.config import load_config
+from miner.errors import InputError
 from miner.lock import lock_path
 from miner.pipeline import resolve_models
 from miner.resume import work_dir
@@ -164,3 +165,20 @@ def test_audit_refuses_a_bi_encoder_as_cross_encoder_before_reading_the_data(tmp
     assert code == 2
     assert _one_line(stderr).startswith("error: all-MiniLM-L6-v2: not a cross-encoder: ")
     assert not out.exists()
+
+
+def test_a_model_sentence_transformers_saved_as_a_cross_encoder_passes_whatever_its_architecture(
+    tmp_path: Path, bundled_model_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from miner.models import check_cross_encoder, resolve_model
+
+    folder = tmp_path / "reranker"
+    shutil.copytree(bundled_model_path, folder)  # a BertModel: refused as it is
+    with pytest.raises(InputError, match="not a cross-encoder"):
+        check_cross_encoder(resolve_model(str(folder)))
+    # A causal-LM reranker, say: no ...ForSequenceClassification, but saved by sentence-transformers as a CrossEncoder.
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"model_type": "CrossEncoder"}))
+    check_cross_encoder(resolve_model(str(folder)))
