@@ -90,18 +90,8 @@ def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
                 err=True,
             )
             raise typer.Exit(128 + signum) from None
-        finally:
-            _ignore_interrupts_once_done()
 
     return run
-
-
-def _ignore_interrupts_once_done() -> None:
-    """Once the command is over, a signal could only land in the interpreter's exit (atexit callbacks of
-    Prefect, Dask, torch), as a traceback: the outcome is decided by then, so it is ignored."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is _interrupt:
-            signal.signal(signum, signal.SIG_IGN)
 
 
 class _OneLineOptionErrors(typer.core.TyperCommand):
@@ -580,7 +570,13 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     catch_interrupts()
-    app()
+    try:
+        app()
+    finally:
+        # The command is over: a signal could only land in the interpreter's exit (atexit callbacks of Prefect,
+        # Dask, torch), as a traceback. The outcome is decided by then, so it is ignored.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
