@@ -39,6 +39,8 @@ from miner.vectors import Allocator, in_memory, write_rows
 log = logging.getLogger(__name__)
 
 KINDS = ("embeddings", "teacher", "bm25", "dense")  # dense: saved faiss indexes (miner/candidates.py)
+# What the texts of an embeddings entry are, by the kind in its name.
+_TEXTS = {"query": "queries", "document": "documents"}
 # Beside each entry (a folder or an index file): what it holds, for `miner cache info`. Its modification time is
 # when the entry was last used, which `miner cache clear --older-than` goes by. A sidecar, not a file inside the
 # entry: a BM25 entry's files are exactly those its checksums list.
@@ -150,7 +152,7 @@ class EmbeddingCache:
     def _store(self, model: str, kind: str) -> _ShardStore:
         store = _ShardStore(self.root / "embeddings" / f"{model}-{kind}", ("hashes", "vectors", "truncated"))
         if store.folder.is_dir():
-            text = {"query": "queries", "document": "documents"}.get(kind, kind)
+            text = _TEXTS.get(kind, kind)
             note_use(
                 store.folder, kind="embeddings", model=self.model_names.get(model, ""), precision="float32", text=text
             )
@@ -430,7 +432,7 @@ def entries(root: Path) -> list[Entry]:
     for folder in _folders(embeddings):
         store = _ShardStore(folder, ("hashes",))
         _, vectors, _ = store.size()
-        text = {"query": "queries", "document": "documents"}.get(folder.name.rsplit("-", 1)[-1], "?")
+        text = _TEXTS.get(folder.name.rsplit("-", 1)[-1], "?")
         found.append(_described(folder, "embeddings", vectors, "vectors", store.shards(), text=text))
     for folder in _folders(teacher):
         store = _ShardStore(folder, ("scores",))
