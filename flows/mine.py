@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -52,18 +52,42 @@ def mine_flow(config: MineConfig) -> dict[str, Any]:
     return mine(config, run=prefect_stages(), shards=shards, logger=get_run_logger())
 
 
+def _server_deaf_to_ctrl_c() -> Any:
+    """A temporary Prefect API server that the terminal's Ctrl-C does not stop.
+
+    Ctrl-C signals the whole process group. A server stopped with the run would leave the flow, which reports
+    its interruption to the server on the way out, retrying each report for a minute.
+    """
+    import signal
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class Server(SubprocessASGIServer):
+        _instances: ClassVar[dict[int | None, SubprocessASGIServer]] = {}  # apart from those Prefect starts
+
+        def _run_uvicorn_command(self) -> Any:
+            # A blocked signal stays blocked in the child across fork and exec; uvicorn's handlers do not unblock
+            # it. SIGTERM is left alone: `stop` ends the server with it.
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    return Server()
+
+
 @contextlib.contextmanager
 def one_api_for_all_workers() -> Iterator[None]:
     """Dask workers are other processes: without a configured Prefect API each would start its own temporary
-    server on one SQLite file. Start one here and point this process and the workers it spawns at it."""
+    server on one SQLite file. Start one here and point this process and the workers it spawns at it. Without
+    Dask too, so that the server outlives a Ctrl-C of the run."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
+    server = _server_deaf_to_ctrl_c()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
@@ -77,7 +101,8 @@ def one_api_for_all_workers() -> Iterator[None]:
 def run_mine_flow(config: MineConfig) -> dict[str, Any]:
     """The flow, on a Dask cluster when the config names one (an address, or a number of local workers)."""
     if not config.dask:
-        return mine_flow(config)
+        with one_api_for_all_workers():
+            return mine_flow(config)
     from prefect_dask import DaskTaskRunner
 
     if config.dask_address is not None:

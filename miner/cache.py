@@ -13,13 +13,16 @@ discarded with a warning and computed again, never used.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +32,50 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from miner.atomic import atomic_write
+from miner.errors import InputError
 from miner.tables import file_sha256
 from miner.vectors import Allocator, in_memory, write_rows
 
 log = logging.getLogger(__name__)
 
 KINDS = ("embeddings", "teacher", "bm25", "dense")  # dense: saved faiss indexes (miner/candidates.py)
+# What the texts of an embeddings entry are, by the kind in its name.
+_TEXTS = {"query": "queries", "document": "documents"}
+# Beside each entry (a folder or an index file): what it holds, for `miner cache info`. Its modification time is
+# when the entry was last used, which `miner cache clear --older-than` goes by. A sidecar, not a file inside the
+# entry: a BM25 entry's files are exactly those its checksums list.
+ENTRY_SUFFIX = ".entry.json"
+
+
+def entry_record(entry: Path) -> Path:
+    return entry.with_name(entry.name + ENTRY_SUFFIX)
+
+
+def note_use(entry: Path, **info: str) -> None:
+    """Record what `entry` holds and that it was used now. The description is written once, or again when it
+    lacked the model's name (a Dask worker knows only the model's key) and `info` has it. Best effort: a cache
+    that cannot be annotated still works."""
+    record = entry_record(entry)
+    try:
+        known = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    try:
+        if known and (known.get("model") or not info.get("model")):
+            os.utime(record)  # described already: only the time of use changes
+            return
+        document = {**known, **{key: value for key, value in info.items() if value}}
+        document["created"] = known.get("created") or _now()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(record) as temporary:
+            temporary.write_text(json.dumps(document), encoding="utf-8")
+    except OSError as error:
+        log.debug("could not record the use of cache entry %s: %s", entry, error)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _strings(values: list[str] | pa.Array | pa.ChunkedArray) -> pl.Series:
@@ -97,11 +138,21 @@ class _ShardStore:
 
 
 class EmbeddingCache:
-    def __init__(self, root: Path) -> None:
+    """Vectors by (model key, query|document, text hash). `model_names` (key -> the model as the user named it)
+    goes into the entries' descriptions for `miner cache info`."""
+
+    def __init__(self, root: Path, model_names: dict[str, str] | None = None) -> None:
         self.root = root
+        self.model_names = model_names or {}
 
     def _store(self, model: str, kind: str) -> _ShardStore:
-        return _ShardStore(self.root / "embeddings" / f"{model}-{kind}", ("hashes", "vectors", "truncated"))
+        store = _ShardStore(self.root / "embeddings" / f"{model}-{kind}", ("hashes", "vectors", "truncated"))
+        if store.folder.is_dir():
+            text = _TEXTS.get(kind, kind)
+            note_use(
+                store.folder, kind="embeddings", model=self.model_names.get(model, ""), precision="float32", text=text
+            )
+        return store
 
     def lookup(
         self,
@@ -145,16 +196,24 @@ class EmbeddingCache:
                 vectors=vectors.astype(np.float32),
                 truncated=np.asarray(truncated, dtype=bool),
             )
+            self._store(model, kind)  # a new entry is described once it exists
 
 
 class TeacherScoreCache:
     """Cross-encoder scores by (teacher fingerprint, query text hash, passage text hash)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, model_names: dict[str, str] | None = None) -> None:
         self.root = root
+        self.model_names = model_names or {}
 
     def _store(self, model: str) -> _ShardStore:
-        return _ShardStore(self.root / "teacher" / model, ("query_hashes", "passage_hashes", "scores"))
+        store = _ShardStore(self.root / "teacher" / model, ("query_hashes", "passage_hashes", "scores"))
+        if store.folder.is_dir():
+            name = self.model_names.get(model, "")
+            note_use(
+                store.folder, kind="teacher scores", model=name, precision="float32", text="(query, passage) pairs"
+            )
+        return store
 
     def lookup(self, model: str, pairs: pl.DataFrame) -> pl.DataFrame:
         """`pairs` (query_hash, passage_hash) -> the same rows with `teacher_score`, null where not cached."""
@@ -183,6 +242,7 @@ class TeacherScoreCache:
                 passage_hashes=scored["passage_hash"].to_numpy().astype(str),
                 scores=scored["teacher_score"].to_numpy().astype(np.float32),
             )
+            self._store(model)  # a new entry is described once it exists
 
 
 DOCS_FILE = "docs.parquet"  # the (doc_id, text_hash) rows an index holds
@@ -197,8 +257,13 @@ class Bm25IndexCache:
     new documents are added to the copy.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, corpus: str = "") -> None:
         self.root = root / "bm25"
+        self.corpus = corpus  # where the documents came from, for `miner cache info`
+
+    def _used(self, entry: Path) -> Path:
+        note_use(entry, kind="BM25 index", model="Lucene BM25", text=f"documents of {self.corpus or 'a corpus'}")
+        return entry
 
     def key(self, settings: str, docs: pa.Table) -> str:
         digest = hashlib.blake2b(settings.encode(), digest_size=16)
@@ -234,7 +299,7 @@ class Bm25IndexCache:
         key = self.key(settings, docs)
         entry = self.find(key)
         if entry is not None:
-            return entry, 0
+            return self._used(entry), 0
         base = self._base_for(key, docs)
         scratch = self._scratch()
         try:
@@ -243,7 +308,7 @@ class Bm25IndexCache:
                 self._copy_into(base[0], scratch)
                 new_docs = docs.filter(pc.is_in(docs["doc_id"], base[1]["doc_id"]))
             build(new_docs, scratch, base is not None)
-            return self._publish(scratch, key, docs), new_docs.num_rows
+            return self._used(self._publish(scratch, key, docs)), new_docs.num_rows
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -253,6 +318,8 @@ class Bm25IndexCache:
         wanted = pl.from_arrow(docs.select(["doc_id", "text_hash"]))
         best: tuple[int, Path, pl.DataFrame] | None = None
         for entry in self.root.glob(f"{prefix}-*") if self.root.is_dir() else []:
+            if not entry.is_dir():
+                continue  # an entry's description
             try:
                 held = pl.read_parquet(entry / DOCS_FILE)
             except (OSError, pl.exceptions.ComputeError):
@@ -296,33 +363,120 @@ class Bm25IndexCache:
         return entry
 
 
-def summary(root: Path) -> list[tuple[str, int, int, str, int]]:
-    """(entry, files, rows, what the rows are, bytes) for every cache entry under `root`."""
-    rows = []
+@dataclass(frozen=True)
+class Entry:
+    """One cache entry as `miner cache info` shows it."""
+
+    path: Path  # a folder, or a dense index file (its checksum record beside it)
+    kind: str  # embeddings, teacher scores, BM25 index, dense index
+    model: str
+    precision: str
+    text: str  # what was encoded or indexed: queries, documents, pairs
+    rows: int
+    unit: str  # what the rows are
+    size: int  # bytes
+    created: dt.datetime
+    last_used: dt.datetime
+
+    def files(self) -> list[Path]:
+        """Everything the entry is made of, its description included."""
+        own = (
+            list(self.path.rglob("*"))
+            if self.path.is_dir()
+            else [self.path, self.path.with_name(self.path.name + ".json")]
+        )
+        return [*own, entry_record(self.path)]
+
+
+def _described(path: Path, kind: str, rows: int, unit: str, files: list[Path], **defaults: str) -> Entry:
+    """An entry with what its record says; an entry from before records were kept reads its files' times."""
+    record = entry_record(path)
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+        last_used = dt.datetime.fromtimestamp(record.stat().st_mtime, dt.UTC)
+    except (OSError, ValueError):
+        info, last_used = {}, None
+    info = info if isinstance(info, dict) else {}
+    times = [f.stat().st_mtime for f in files if f.exists()] or [path.stat().st_mtime]
+    newest = dt.datetime.fromtimestamp(max(times), dt.UTC)
+    try:
+        created = dt.datetime.fromisoformat(info["created"])
+    except (KeyError, TypeError, ValueError):
+        created = dt.datetime.fromtimestamp(min(times), dt.UTC)
+    return Entry(
+        path=path,
+        kind=kind,
+        model=str(info.get("model") or defaults.get("model", "?")),
+        precision=str(info.get("precision") or defaults.get("precision", "-")),
+        text=str(info.get("text") or defaults.get("text", "?")),
+        rows=rows,
+        unit=unit,
+        size=sum(f.stat().st_size for f in files if f.is_file()),
+        created=created,
+        last_used=max(last_used or newest, newest),
+    )
+
+
+def _folders(parent: Path) -> list[Path]:
+    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) if parent.is_dir() else []
+
+
+def entries(root: Path) -> list[Entry]:
+    """Every cache entry under `root`, with what it holds and when it was made and last used."""
+    found = []
     embeddings, teacher, bm25, dense = (root / kind for kind in KINDS)
-    for folder in sorted(p for p in embeddings.iterdir() if p.is_dir()) if embeddings.is_dir() else []:
-        shards, vectors, size = _ShardStore(folder, ("hashes",)).size()
-        rows.append((f"embeddings/{folder.name}", shards, vectors, "vectors", size))
-    for folder in sorted(p for p in teacher.iterdir() if p.is_dir()) if teacher.is_dir() else []:
-        shards, scores, size = _ShardStore(folder, ("scores",)).size()
-        rows.append((f"teacher/{folder.name}", shards, scores, "scores", size))
-    for entry in (
-        sorted(p for p in bm25.iterdir() if p.is_dir() and not p.name.startswith(".")) if bm25.is_dir() else []
-    ):
+    for folder in _folders(embeddings):
+        store = _ShardStore(folder, ("hashes",))
+        _, vectors, _ = store.size()
+        text = _TEXTS.get(folder.name.rsplit("-", 1)[-1], "?")
+        found.append(_described(folder, "embeddings", vectors, "vectors", store.shards(), text=text))
+    for folder in _folders(teacher):
+        store = _ShardStore(folder, ("scores",))
+        _, scores, _ = store.size()
+        found.append(_described(folder, "teacher scores", scores, "scores", store.shards(), text="pairs"))
+    for folder in _folders(bm25):
         try:
-            documents = pq.read_metadata(entry / DOCS_FILE).num_rows
+            documents = pq.read_metadata(folder / DOCS_FILE).num_rows
         except OSError:
             documents = 0
-        files = list(entry.iterdir())
-        rows.append((f"bm25/{entry.name}", len(files), documents, "documents", sum(f.stat().st_size for f in files)))
-    files = sorted(p for p in dense.iterdir() if p.is_file()) if dense.is_dir() else []
-    indexes = [f for f in files if f.suffix == ".faiss"]
-    if files:
-        rows.append(("dense", len(files), len(indexes), "indexes", sum(f.stat().st_size for f in files)))
-    return rows
+        files = list(folder.iterdir())
+        found.append(_described(folder, "BM25 index", documents, "documents", files, model="Lucene BM25"))
+    for index in sorted(dense.glob("*.faiss")) if dense.is_dir() else []:
+        files = [index, index.with_name(index.name + ".json")]
+        try:
+            vectors = int(json.loads(files[1].read_text(encoding="utf-8"))["vectors"])
+        except (OSError, ValueError, KeyError, TypeError):
+            vectors = 0
+        found.append(_described(index, "dense index", vectors, "vectors", files, text="documents"))
+    return found
 
 
-def clear(root: Path) -> None:
-    """Remove what the caches wrote under `root`, and nothing else there."""
-    for kind in KINDS:
-        shutil.rmtree(root / kind, ignore_errors=True)
+def parse_age(text: str) -> dt.timedelta:
+    """'30d', '12h', '2w', '90m' or '45s' -> that long; an InputError names the option otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text)
+    if not match:
+        raise InputError(
+            "--older-than", f"'{text}' is not an age", "give a number and a unit: 30d, 12h, 2w, 90m or 45s"
+        )
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[match.group(2)]
+    return dt.timedelta(**{unit: int(match.group(1))})
+
+
+def clear(root: Path, older_than: dt.timedelta | None = None) -> list[Entry]:
+    """Remove what the caches wrote under `root`, and nothing else there; with `older_than`, only the entries not
+    used for that long. Returns the entries removed."""
+    if older_than is None:
+        removed = entries(root)
+        for kind in KINDS:
+            shutil.rmtree(root / kind, ignore_errors=True)
+        return removed
+    cutoff = dt.datetime.now(dt.UTC) - older_than
+    removed = [entry for entry in entries(root) if entry.last_used < cutoff]
+    for entry in removed:
+        # The description last: an entry whose files are half gone is still listed, and removed by the next clear.
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path, ignore_errors=True)
+        for file in entry.files():
+            if file.is_file():
+                file.unlink(missing_ok=True)
+    return removed

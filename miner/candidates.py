@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.atomic import atomic_write, write_json_atomic
+from miner.cache import note_use
 from miner.config import DenseIndexSpec
 from miner.java import anserini_jar, start_jvm
 from miner.language import analyzer_name
@@ -207,11 +208,12 @@ def dense_retrieve(
     spec: DenseIndexSpec = DenseIndexSpec(),
     cache_dir: Path | None = None,
     exact: ExactSearch | None = None,
+    cache_label: str = "",
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Dense top-k through the index `spec` picks -> (RETRIEVED, what searched: kind, settings, measured recall).
 
     An approximate index is kept in `cache_dir` (when given) under a hash of the vectors and its settings,
-    and reused by the next run over the same vectors.
+    and reused by the next run over the same vectors; `cache_label` names the model that made them there.
     """
     documents = len(doc_vectors)
     kind = spec.resolve(documents)
@@ -221,7 +223,9 @@ def dense_retrieve(
         retrieved = dense_search(query_ids, query_vectors, doc_ids, doc_vectors, k=k, threads=threads, exact=search)
         return retrieved, {**info, "exact": True}
     settings = index_settings(kind, documents, spec)
-    index, reused = cached_dense_index(kind, doc_vectors, settings, cache_dir=cache_dir, threads=threads)
+    index, reused = cached_dense_index(
+        kind, doc_vectors, settings, cache_dir=cache_dir, threads=threads, label=cache_label
+    )
     k = min(k, documents)
     settings.update(configure_search(index, kind, spec, k))
     retrieved = dense_search(query_ids, query_vectors, doc_ids, doc_vectors, k=k, threads=threads, index=index)
@@ -283,7 +287,7 @@ def build_dense_index(kind: str, vectors: np.ndarray, settings: dict[str, Any], 
 
 
 def cached_dense_index(
-    kind: str, vectors: np.ndarray, settings: dict[str, Any], *, cache_dir: Path | None, threads: int
+    kind: str, vectors: np.ndarray, settings: dict[str, Any], *, cache_dir: Path | None, threads: int, label: str = ""
 ) -> tuple[Any, bool]:
     """(index, whether it came from `cache_dir`): a cached index of the same vectors and settings, else a new one.
 
@@ -295,11 +299,12 @@ def cached_dense_index(
         return build_dense_index(kind, vectors, settings, threads=threads), False
     path = cache_dir / f"{kind}-{_index_key(kind, vectors, settings)}{INDEX_FILE_SUFFIX}"
     index = _read_cached_index(path, vectors)
-    if index is not None:
-        return index, True
-    index = build_dense_index(kind, vectors, settings, threads=threads)
-    _write_cached_index(index, path, settings)
-    return index, False
+    reused = index is not None
+    if index is None:
+        index = build_dense_index(kind, vectors, settings, threads=threads)
+        _write_cached_index(index, path, settings)
+    note_use(path, kind="dense index", model=label, precision="float32", text=f"documents ({kind})")
+    return index, reused
 
 
 def _index_key(kind: str, vectors: np.ndarray, settings: dict[str, Any]) -> str:

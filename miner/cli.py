@@ -7,14 +7,20 @@ import functools
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, ParamSpec
 
+import rich.markup
 import typer
+import typer.core
 
-from miner.config import CLI_KEYS, MineConfig, load_config, parse_setting
-from miner.errors import InputError, disk_full_as_input_error
+# typer parses with its own copy of click: its errors are of these classes, not click's.
+from typer._click.exceptions import NoSuchOption
+
+from miner.config import CLI_KEYS, MineConfig, load_config, parse_setting, setting_range
+from miner.errors import InputError, Interrupted, disk_full_as_input_error
 
 P = ParamSpec("P")
 
@@ -44,8 +50,26 @@ def _options(
     """Mine hard negatives for embedding and reranker training."""
 
 
+# The signal that interrupted this process, once one has: what it ends with, whatever the code it hit raised.
+_received: list[int] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    if _received:
+        return  # the run is already unwinding; a second Ctrl-C must not cut its clean-up short
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def catch_interrupts() -> None:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread, so a run unwinds through its `finally` blocks."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+
+
 def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
-    """A user mistake ends the command with one line on stderr and exit code 2, never a traceback."""
+    """A user mistake ends the command with one line on stderr and exit code 2, never a traceback; an interrupt
+    with one line and 128 + the signal's number."""
 
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
@@ -54,8 +78,34 @@ def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
         except InputError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
+        except BaseException as error:
+            # Code that was running when the signal came may have turned it into an error of its own (torch
+            # reports one as `RuntimeError: Invalid (backend, op) pair`): the signal decides, not the error.
+            if not _received and not isinstance(error, KeyboardInterrupt | Interrupted):
+                raise
+            signum = _received[0] if _received else getattr(error, "signum", signal.SIGINT)
+            typer.echo(
+                f"error: interrupted by {signal.Signals(signum).name}; run the same command again to resume "
+                "(finished stages are kept)",
+                err=True,
+            )
+            raise typer.Exit(128 + signum) from None
 
     return run
+
+
+class _OneLineOptionErrors(typer.core.TyperCommand):
+    """An unknown flag is a user mistake like any other: one line, with the flag it was probably meant to be."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as error:
+            close = error.possibilities or []
+            listed = f"`miner {ctx.info_name} --help` lists the options"
+            fix = f"did you mean {close[0]}? ({listed})" if close else listed
+            typer.echo(f"error: {error.option_name}: no such option; {fix}", err=True)
+            raise typer.Exit(2) from None
 
 
 _RUNNING = {"threads", "engine", "dask_address", "workers", "cache", "cache_dir"}
@@ -65,10 +115,16 @@ _SECTION = {"retrieval": "Retrieval", "models": "Models", "filter": "Filtering",
 def _opt(name: str, help: str, flag: str | None = None) -> typer.models.OptionInfo:
     key = CLI_KEYS[name]
     section = "Running" if key in _RUNNING else _SECTION.get(key.split(".")[0], "Input")
+    # The range the config enforces, beside the default: "[5; >= 1]", so a refusal's pointer to --help helps.
+    bounds = setting_range(key)
+    if bounds:
+        help = f"{help[:-1]}; {bounds}]" if help.endswith("]") else f"{help} [{bounds}]"
+    # Rich reads "[all cores]" or "[none]" as markup and drops it: escaped, the default shows.
+    help = rich.markup.escape(help)
     return typer.Option(flag or f"--{name.replace('_', '-')}", help=help, rich_help_panel=section, show_default=False)
 
 
-@app.command()
+@app.command(cls=_OneLineOptionErrors)
 @_user_errors
 def mine(
     data: Annotated[Path | None, typer.Argument(help="BEIR folder, or a pairs table (.jsonl/.csv/.parquet)")] = None,
@@ -107,6 +163,14 @@ def mine(
     ] = None,
     model: Annotated[str | None, _opt("model", "embedding model: bundled name or folder [all-MiniLM-L6-v2]")] = None,
     cross_encoder: Annotated[str | None, _opt("cross_encoder", "teacher cross-encoder (folder or id)")] = None,
+    allow_untrained_head: Annotated[
+        bool | None,
+        _opt(
+            "allow_untrained_head",
+            "score with a --cross-encoder whose classification head would be initialised at random (for tests)",
+            "--allow-untrained-head",
+        ),
+    ] = None,
     encode_batch_size: Annotated[int | None, _opt("encode_batch_size", "encoding batch size [64]")] = None,
     method: Annotated[str | None, _opt("method", "none | topk-abs | topk-marginpos | topk-percpos [none]")] = None,
     max_score: Annotated[float | None, _opt("max_score", "topk-abs ceiling [0.95]")] = None,
@@ -179,13 +243,16 @@ def mine(
     settings = load_config(config, overrides)
     from miner.lock import check_unlocked
     from miner.manifest import check_output_writable
+    from miner.pipeline import resolve_models
 
     # Before anything starts, so the common mistakes cost nothing.
     check_output_writable(settings.out)
     check_unlocked(settings.out)
+    resolve_models(settings)
     # The run's own progress at INFO; libraries' chatter only from WARNING up.
     handler = logging.StreamHandler()
     handler.setFormatter(_JsonLines() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(_DropUserErrors())  # Prefect's records reach it too
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("miner").setLevel(logging.WARNING if quiet else logging.INFO)
     if settings.uses_prefect:
@@ -209,7 +276,7 @@ def mine(
         )
 
 
-@app.command()
+@app.command(cls=_OneLineOptionErrors)
 @_user_errors
 def audit(
     data: Annotated[Path, typer.Argument(help="BEIR folder whose queries have several judged positives")],
@@ -234,6 +301,10 @@ def audit(
     settings = {name: load_config(config, {**base, **overrides}) for name, overrides in named}
     first = next(iter(settings.values()))
     check_output_writable(out)
+    from miner.pipeline import resolve_models
+
+    for each in settings.values():
+        resolve_models(each)  # every setting's models found, and each cross-encoder checked, before any work
     data_tables = ingest(first.data, split=first.split, min_relevance=first.min_relevance)
     report = run_audit(data_tables, settings)
     write_report(report, out, settings)
@@ -350,26 +421,58 @@ def _cache_root(cache_dir: Path | None) -> Path:
 
 @cache_app.command("info")
 def cache_info(cache_dir: Annotated[Path | None, _CACHE_DIR] = None) -> None:
-    """Print what the cache holds: embeddings and teacher scores per model, BM25 indexes per corpus."""
-    from miner.cache import summary
+    """Print each cache entry: what it holds (kind, model, precision, texts), its size, when made and last used."""
+    from miner.cache import entries
 
     root = _cache_root(cache_dir)
-    rows = summary(root)
+    found = entries(root)
     typer.echo(f"{root}")
-    for name, files, entries, unit, size in rows:
-        typer.echo(f"  {name:<48} {files:>4} files {entries:>9} {unit:<9} {size / 1e6:>9.1f} MB")
-    if not rows:
+    if not found:
         typer.echo("  (empty)")
+        return
+    header = ("kind", "model", "precision", "texts", "rows", "size", "created", "last used", "entry")
+    table = [
+        (
+            entry.kind,
+            entry.model,
+            entry.precision,
+            entry.text,
+            f"{entry.rows:,} {entry.unit}",
+            f"{entry.size / 1e6:.1f} MB",
+            f"{entry.created:%Y-%m-%d %H:%M}",
+            f"{entry.last_used:%Y-%m-%d %H:%M}",
+            str(entry.path.relative_to(root)),
+        )
+        for entry in found
+    ]
+    widths = [max(len(row[column]) for row in [header, *table]) for column in range(len(header))]
+    for row in [header, *table]:
+        typer.echo("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    total = sum(entry.size for entry in found)
+    typer.echo(f"  {len(found)} {'entry' if len(found) == 1 else 'entries'}, {total / 1e6:.1f} MB (times in UTC)")
 
 
 @cache_app.command("clear")
-def cache_clear(cache_dir: Annotated[Path | None, _CACHE_DIR] = None) -> None:
-    """Remove every cached embedding, teacher score and BM25 index."""
-    from miner.cache import clear
+@_user_errors
+def cache_clear(
+    cache_dir: Annotated[Path | None, _CACHE_DIR] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option("--older-than", help="only entries not used for this long: 30d, 12h, 2w, 90m, 45s"),
+    ] = None,
+) -> None:
+    """Remove every cached embedding, teacher score and index, or with --older-than those not used lately."""
+    from miner.cache import clear, parse_age
 
     root = _cache_root(cache_dir)
-    clear(root)
-    typer.echo(f"cleared {root}")
+    age = parse_age(older_than) if older_than is not None else None
+    removed = clear(root, age)
+    freed = sum(entry.size for entry in removed) / 1e6
+    if age is None:
+        typer.echo(f"cleared {root} ({freed:.1f} MB)")
+        return
+    count = f"{len(removed)} {'entry' if len(removed) == 1 else 'entries'}"
+    typer.echo(f"removed {count} not used for {older_than.strip()} from {root} ({freed:.1f} MB)")
 
 
 @app.command()
@@ -394,7 +497,9 @@ def inspect(
     for stage, counts in (summary["counts"] or {}).items():
         typer.echo(f"\n{stage}")
         for name, value in counts.items():
-            typer.echo(f"  {name:<40} {value:>10}")
+            # A format spec prints True as 1: a flag's value must read as one.
+            shown = str(value).lower() if isinstance(value, bool) else value
+            typer.echo(f"  {name:<40} {shown:>10}")
     typer.echo("\nteacher scores")
     typer.echo(f"  {'':<16}" + "".join(f"{c:>9}" for c in ("count", "mean", "min", "p5", "p50", "p95", "max")))
     for name, stats in (summary["scores"] or {}).items():
@@ -440,11 +545,25 @@ def _run_flow(settings: MineConfig, quiet: bool, json_handler: logging.Handler |
 
 
 class _DropUserErrors(logging.Filter):
-    """Prefect logs a failed task's exception with its traceback; a user error must stay one line."""
+    """Prefect logs a failed task's exception with its traceback; a user error or an interrupt must stay one
+    line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if _received or _about_an_interrupt(record):
+            return False  # the flow and its tasks crash on the way out of an interrupted run: said once, by us
         error = record.exc_info[1] if record.exc_info else None
         return not isinstance(error, InputError) and "InputError" not in record.getMessage()
+
+
+def _about_an_interrupt(record: logging.LogRecord) -> bool:
+    """Whether a record reports a signal: Prefect catches SIGTERM itself first, and logs the crash it makes of it
+    (and errors raised while it unwinds) before handing the signal back."""
+    error = record.exc_info[1] if record.exc_info else None
+    while error is not None:
+        if not isinstance(error, Exception):  # KeyboardInterrupt, Prefect's TerminationSignal, Interrupted
+            return True
+        error = error.__context__
+    return "termination signal" in record.getMessage()
 
 
 def _prefect_level(quiet: bool) -> contextlib.AbstractContextManager[object]:
@@ -477,7 +596,14 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    catch_interrupts()
+    try:
+        app()
+    finally:
+        # The command is over: a signal could only land in the interpreter's exit (atexit callbacks of Prefect,
+        # Dask, torch), as a traceback. The outcome is decided by then, so it is ignored.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -108,8 +109,8 @@ class RetrievalConfig(_Section):
         return code
 
 
-# Model settings that change speed and memory, never which rows a run produces.
-SPEED_ONLY_MODEL_SETTINGS = frozenset({"batch_size", "teacher_batch_size"})
+# Model settings that change speed, memory or what a run accepts, never which rows it produces.
+SPEED_ONLY_MODEL_SETTINGS = frozenset({"batch_size", "teacher_batch_size", "allow_untrained_head"})
 
 
 class ModelConfig(_Section):
@@ -120,6 +121,9 @@ class ModelConfig(_Section):
     batch_size: int = Field(64, ge=1)
     # Pairs per cross-encoder call; pairs are sorted by length first, so large batches waste little padding.
     teacher_batch_size: int = Field(128, ge=1)
+    # A cross-encoder whose classification head would be initialised at random scores noise: refused unless
+    # asked for (tests score with such a model on purpose).
+    allow_untrained_head: bool = False
 
 
 class FilterConfig(_Section):
@@ -339,6 +343,7 @@ CLI_KEYS: dict[str, str] = {
     "cross_encoder": "models.cross_encoder",
     "encode_batch_size": "models.batch_size",
     "batch_size": "batches.size",
+    "allow_untrained_head": "models.allow_untrained_head",
     "method": "filter.method",
     "max_score": "filter.max_score",
     "margin": "filter.margin",
@@ -393,12 +398,74 @@ def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
     target[leaf] = value
 
 
-def _line_of_key(path: Path, dotted: str) -> int | None:
-    """Best-effort line of `dotted` in a TOML file, so the error can point at it."""
-    leaf = dotted.split(".")[-1]
+# Dotted config key -> the command-line flag that sets it, so a refusal names what the user typed.
+CLI_FLAGS: dict[str, str] = {
+    key: "--format" if name == "formats" else f"--{name.replace('_', '-')}" for name, key in CLI_KEYS.items()
+}
+_FIX = "see `miner mine --help` or examples/mine.toml for the settings and their ranges"
+
+
+def _section_fields(section: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of the config section at `section` (() is the top level), or {} when there is no such section."""
+    model: Any = MineConfig
+    for part in section:
+        field = model.model_fields.get(part)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return {}
+    return dict(model.model_fields)
+
+
+def _sections() -> dict[tuple[str, ...], dict[str, Any]]:
+    """Every section of the config (the top level first) and its fields."""
+    top = _section_fields(())
+    found = {(): top}
+    for name, field in top.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found[(name,)] = _section_fields((name,))
+    return found
+
+
+def _unknown_key_fix(loc: tuple[str, ...]) -> str:
+    """Where an unknown key belongs, or the known key its name is closest to."""
+    *section, leaf = loc
+    sections = _sections()
+    homes = [place for place, fields in sections.items() if leaf in fields and place != tuple(section)]
+    if homes:
+        home = homes[0]
+        place = f"in [{home[0]}]" if home else "at the top level, before any [section]"
+        return f"'{leaf}' belongs {place}: move it there (as {'.'.join((*home, leaf))})"
+    close = difflib.get_close_matches(leaf, list(sections.get(tuple(section), {})), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {'.'.join((*section, close[0]))}? (examples/mine.toml lists every setting)"
+    return _FIX
+
+
+def setting_range(key: str) -> str:
+    """The allowed range of a numeric setting as help text (">= 1", "> 0 and <= 1"), or "" when it has none."""
+    *section, leaf = key.split(".")
+    field = _section_fields(tuple(section)).get(leaf)
+    bounds = []
+    for constraint in field.metadata if field is not None else []:
+        for name, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(constraint, name, None) is not None:
+                bounds.append(f"{sign} {getattr(constraint, name)}")
+    return " and ".join(bounds)
+
+
+def _line_of_key(path: Path, loc: tuple[str, ...]) -> int | None:
+    """Best-effort line of the key at `loc` in a TOML file (inside its [section]), so the error can point at it."""
+    *section, leaf = loc
+    loc_path = list(loc)
     pattern = re.compile(rf"^\s*{re.escape(leaf)}\s*=")
+    current: list[str] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if pattern.match(line):
+        header = re.match(r"^\s*\[([^\[\]]+)\]", line)
+        if header:
+            current = [part.strip() for part in header.group(1).split(".")]
+            if current == loc_path:
+                return number  # the key is a section of its own, e.g. a misspelt [filtr]
+        elif pattern.match(line) and current == section:
             return number
     return None
 
@@ -423,23 +490,28 @@ def load_config(config_file: Path | None, overrides: dict[str, Any]) -> MineConf
     try:
         return MineConfig.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        dotted = ".".join(str(part) for part in first["loc"])
-        from_file = config_file is not None and not any(
-            key == dotted or key.startswith(dotted + ".") for key, value in overrides.items() if value is not None
-        )
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown setting"
-        elif first["type"] == "missing":
-            message = "required setting is missing"
-        problem = f"{dotted or 'config'}: {message}"
-        fix = "see `miner mine --help` or examples/mine.toml for the settings and their ranges"
-        if from_file:
-            assert config_file is not None
-            line = _line_of_key(config_file, dotted) if dotted else None
-            raise InputError(config_file, problem, fix, line=line) from None
-        raise InputError("command line", problem, fix) from None
+        raise _refusal(error, config_file, {key for key, value in overrides.items() if value is not None}) from None
+
+
+def _refusal(error: ValidationError, config_file: Path | None, given: set[str]) -> InputError:
+    """The first validation error as one line: the flag when the command line set it, else the file's line."""
+    first = error.errors()[0]
+    loc = tuple(str(part) for part in first["loc"])
+    dotted = ".".join(loc)
+    from_file = config_file is not None and not any(key == dotted or key.startswith(dotted + ".") for key in given)
+    message = first["msg"].removeprefix("Value error, ")
+    fix = _FIX
+    if first["type"] == "extra_forbidden":
+        message, fix = "unknown setting", _unknown_key_fix(loc)
+    elif first["type"] == "missing":
+        message = "required setting is missing"
+    if from_file:
+        assert config_file is not None
+        line = _line_of_key(config_file, loc) if loc else None
+        return InputError(config_file, f"{dotted or 'config'}: {message}", fix, line=line)
+    if dotted in CLI_FLAGS and dotted in given:
+        return InputError(CLI_FLAGS[dotted], message, fix)
+    return InputError("command line", f"{dotted or 'config'}: {message}", fix)
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:

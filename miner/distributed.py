@@ -64,9 +64,7 @@ def encode_shard(
 ) -> int:
     """Encode one shard's texts into the cache; runs on a worker, which keeps its model between shards."""
     table = pq.read_table(shard)
-    vectors, over = encode_chunk(
-        _embedding_model(ref, threads), table["text"], kind=kind, batch_size=batch_size, show_progress=False
-    )
+    vectors, over = encode_chunk(_embedding_model(ref, threads), table["text"], kind=kind, batch_size=batch_size)
     EmbeddingCache(Path(cache_dir)).store(model_key, kind, table["text_hash"].to_pylist(), vectors, over)
     return table.num_rows
 

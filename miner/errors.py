@@ -33,6 +33,16 @@ class InputError(Exception):
         return f"{location}: {self.problem}; {self.fix}"
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread so that every `finally` on the way out runs: temporary files
+    are removed, the output lock released. A BaseException, like KeyboardInterrupt, so that no `except
+    Exception` on the way takes it for an ordinary failure."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signum)
+
+
 # "No space left on device", "File too large" (a size limit), "Disk quota exceeded".
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 

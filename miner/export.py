@@ -12,6 +12,8 @@ NEGATIVES_FILE = "negatives.parquet"
 TRIPLETS_FILE = "triplets.parquet"
 NTUPLES_FILE = "ntuples.parquet"
 MANIFEST_FILE = "manifest.json"
+# `miner report`'s default folder inside OUT: drawn from one run's manifest, so removed when the run is replaced.
+REPORT_DIR = "report"
 
 
 def training_rows(selected: pa.Table, queries: pa.Table, corpus: pa.Table) -> pa.Table:

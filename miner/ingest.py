@@ -172,9 +172,9 @@ def spool_documents(
             if column is None:
                 column = _pick(block.columns, CORPUS_ID_COLUMNS)
                 if column is None or "text" not in block.columns:
-                    raise InputError(
-                        file,
-                        f"a corpus table needs an id column ({', '.join(CORPUS_ID_COLUMNS)}) and 'text'",
+                    raise source.whole(
+                        f"a corpus table needs an id column ({', '.join(CORPUS_ID_COLUMNS)}) and 'text' "
+                        f"({source.columns_found()})",
                         "add or rename those columns",
                     )
             block = block.with_columns(pl.lit(None, pl.String).alias(c) for c in (column, "text") if c not in block)
@@ -321,9 +321,11 @@ def read_pairs(
     positive_text = _pick(pairs.columns, ("positive",))
     positive_id = _pick(pairs.columns, ("positive_id",))
     if query_text is None and query_id is None:
-        raise source.whole("no query column (looked for query, anchor, query_id)", "add one")
+        raise source.whole(f"no query column (looked for query, anchor, query_id; {source.columns_found()})", "add one")
     if positive_text is None and positive_id is None:
-        raise source.whole("no positive column (looked for positive, positive_id)", "add one")
+        raise source.whole(
+            f"no positive column (looked for positive, positive_id; {source.columns_found()})", "add one"
+        )
     if query_text is None and queries is None:
         raise source.whole("pairs name queries by id only", "pass --queries with their texts, or add a 'query' column")
     if positive_text is None and corpus is None:

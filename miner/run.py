@@ -8,6 +8,7 @@ each stage a task, so both mine and write exactly the same way.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from miner.pipeline import (
     Selected,
     StageRunner,
     batch_context,
+    resolve_models,
     run_directly,
     score_candidates,
     select_negatives,
@@ -75,6 +77,8 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     # Without its manifest the folder reads as unfinished while its files are replaced one by one.
     (out / export.MANIFEST_FILE).unlink(missing_ok=True)
+    # A report drawn from the run being replaced would show its numbers beside this run's files.
+    shutil.rmtree(out / export.REPORT_DIR, ignore_errors=True)
     negatives = export.training_rows(chosen.selected, data.queries, data.corpus)
     batching = batch_context(negatives, data, scored.embeddings, config)
     outputs, export_counts, batch_counts = formats.build_exports(
@@ -115,9 +119,12 @@ def mine(
     timings: dict[str, float] = {}
     run = timed(run, timings)
     check_output_writable(config.out)
+    resolve_models(config)  # a model that is not there, or not a cross-encoder, is refused before any work
     with output_lock(config.out):
         data = run("ingest", ingest_from_config, config)
-        logger.info("ingested %s", data.counts)
+        logger.info(
+            "ingested %s", ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in data.counts.items())
+        )
         run("guard", check_resources, data, config)
         store = StageStore(config.out, run_key(config, data.input_hashes))
         resumed: list[str] = []

@@ -15,7 +15,7 @@ import os
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -36,6 +36,11 @@ class Source:
 
     path: Path
     format: str
+    # The file's columns, once its first block is read: a refusal about a column lists them.
+    columns: list[str] = field(default_factory=list, compare=False)
+
+    def columns_found(self) -> str:
+        return f"columns found: {', '.join(self.columns) or 'none'}"
 
     def fail(self, index: int, problem: str, fix: str) -> InputError:
         if self.format == "parquet":
@@ -107,10 +112,11 @@ def _text_frames(source: Source, columns: list[str], optional: tuple[str, ...], 
         tables = _read_delimited(source, whole)
     offset = 0
     for number, table in enumerate(tables):
+        if number == 0 and not source.columns:
+            source.columns[:] = table.column_names
         missing = [name for name in columns if name not in table.column_names]
         if missing and number == 0:
-            found = ", ".join(table.column_names) or "none"
-            raise source.whole(f"missing column '{missing[0]}' (columns found: {found})", "add or rename that column")
+            raise source.whole(f"missing column '{missing[0]}' ({source.columns_found()})", "add or rename that column")
         yield _as_text(table, source, columns, optional, offset)
         offset += table.num_rows
 
@@ -140,6 +146,7 @@ _UNREADABLE = (pa.ArrowException, OSError)
 def _read_parquet(source: Source, names: list[str], whole: bool) -> Iterator[pa.Table]:
     try:
         file = pq.ParquetFile(source.path)
+        source.columns[:] = file.schema_arrow.names  # only the wanted ones are read
         present = [name for name in names if name in file.schema_arrow.names]
         if whole or file.metadata.num_rows == 0:
             tables: Iterable[pa.Table] = [file.read(columns=present)]

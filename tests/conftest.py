@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 # Nothing in the suite may reach a model hub or telemetry endpoint.
@@ -85,6 +88,46 @@ def write_beir(
     lines = ["query-id\tcorpus-id\tscore", *[f"{q}\t{d}\t{s}" for q, d, s in qrels]]
     (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+def assert_nothing_partial(out: Path) -> None:
+    """Every file in OUT is whole: no temporary names, Parquet that reads, a manifest that matches."""
+    if not out.exists():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")], names
+    for name in names:
+        if name.endswith(".parquet"):
+            pq.read_table(out / name)
+    if "manifest.json" in names:
+        manifest = json.loads((out / "manifest.json").read_text())
+        for name in manifest["files"]:
+            assert name in names
+        assert pq.read_metadata(out / "negatives.parquet").num_rows == manifest["counts"]["export"]["negatives.parquet"]
+
+
+def assert_rerun_gives(reference: pa.Table, args: list[str], out: Path, label: str) -> None:
+    """The same command, run again after an interruption, finishes with exactly `reference`'s rows and leaves
+    neither partial files, nor its work folder, nor its lock."""
+    from miner.lock import lock_path
+    from miner.resume import work_dir
+
+    code, _, stderr = run_cli(*args)
+    assert code == 0, f"{label}: re-run failed: {stderr}"
+    assert_nothing_partial(out)
+    assert pq.read_table(out / "negatives.parquet").equals(reference), label
+    assert not work_dir(out).exists() and not lock_path(out).exists()
+
+
+def wait_for(path: Path, process: subprocess.Popen[bytes], timeout: float = 300) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
 
 
 @pytest.fixture(scope="session")

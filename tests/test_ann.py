@@ -159,7 +159,7 @@ def test_cli_dense_index_hnsw_writes_its_recall_to_the_manifest(small_beir: Path
 def test_cli_refuses_an_unknown_dense_index(small_beir: Path, tmp_path: Path) -> None:
     code, _, stderr = run_cli("mine", small_beir, "--out", tmp_path / "out", "--dense-index", "annoy")
     assert code == 2
-    assert stderr.startswith("error: command line: retrieval.dense_index:") and stderr.count("\n") == 1
+    assert stderr.startswith("error: --dense-index: Input should be") and stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -100,10 +101,68 @@ def test_cache_info_and_clear(tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path)
     _store(cache, ["a", "b"], np.ones((2, 3), dtype=np.float32))
     info = CliRunner().invoke(app, ["cache", "info", "--cache-dir", str(tmp_path)])
-    assert info.exit_code == 0 and "m-document" in info.stdout and "2 vectors" in info.stdout
+    assert info.exit_code == 0 and "embeddings/m-document" in info.stdout and "2 vectors" in info.stdout
+    assert "1 entry," in info.stdout
     cleared = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
     assert cleared.exit_code == 0
     assert not cache.lookup("m", "document", ["a"])[1].any()
+
+
+def _info_rows(root: Path) -> dict[str, list[str]]:
+    """`miner cache info`'s rows by entry path (the last column), each cut into its columns."""
+    info = CliRunner().invoke(app, ["cache", "info", "--cache-dir", str(root)])
+    assert info.exit_code == 0, info.output
+    lines = info.stdout.splitlines()[1:-1]
+    header = lines[0]
+    starts = [header.index(name) for name in ("kind", "model", "precision", "texts", "rows", "size", "created")]
+    starts += [header.index("last used"), header.index("entry")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [line[start:end].strip() for start, end in zip(starts, [*starts[1:], None], strict=True)]
+        rows[cells[-1]] = cells
+    return rows
+
+
+def test_cache_info_names_model_texts_and_times_and_clear_older_than_keeps_what_was_used(tmp_path: Path) -> None:
+    import datetime as dt
+    import os
+
+    EmbeddingCache(tmp_path, {"m": "all-MiniLM-L6-v2"}).store("m", "query", ["a"], np.ones((1, 3)), np.zeros(1))
+    EmbeddingCache(tmp_path, {"old": "my/old-model"}).store("old", "document", ["b"], np.ones((1, 3)), np.zeros(1))
+    scores = pl.DataFrame({"query_hash": ["q"], "passage_hash": ["p"], "teacher_score": [0.5]})
+    TeacherScoreCache(tmp_path, {"t": "my/reranker"}).store("t", scores)
+    rows = _info_rows(tmp_path)
+    assert rows["embeddings/m-query"][:5] == ["embeddings", "all-MiniLM-L6-v2", "float32", "queries", "1 vectors"]
+    assert rows["embeddings/old-document"][1:4] == ["my/old-model", "float32", "documents"]
+    assert rows["teacher/t"][:5] == ["teacher scores", "my/reranker", "float32", "(query, passage) pairs", "1 scores"]
+    today = f"{dt.datetime.now(dt.UTC):%Y-%m-%d}"
+    assert all(row[6].startswith(today) and row[7].startswith(today) for row in rows.values())
+
+    # The old model's vectors were last used 40 days ago; a lookup of the others counts as a use today.
+    forty_days_ago = (dt.datetime.now() - dt.timedelta(days=40)).timestamp()
+    for path in (tmp_path / "embeddings").rglob("*"):
+        if "old-document" in str(path):
+            os.utime(path, (forty_days_ago, forty_days_ago))
+    old_record = tmp_path / "embeddings" / "old-document.entry.json"
+    os.utime(old_record, (forty_days_ago, forty_days_ago))
+    assert EmbeddingCache(tmp_path).lookup("m", "query", ["a"])[1].all()
+    assert _info_rows(tmp_path)["embeddings/old-document"][7] < today
+
+    cleared = CliRunner().invoke(app, ["cache", "clear", "--older-than", "30d", "--cache-dir", str(tmp_path)])
+    assert cleared.exit_code == 0, cleared.output
+    assert cleared.stdout.startswith("removed 1 entry not used for 30d")
+    assert set(_info_rows(tmp_path)) == {"embeddings/m-query", "teacher/t"}
+    assert not old_record.exists() and not (tmp_path / "embeddings" / "old-document").exists()
+
+
+def test_cache_clear_refuses_an_age_it_cannot_read(tmp_path: Path) -> None:
+    EmbeddingCache(tmp_path).store("m", "query", ["a"], np.ones((1, 3)), np.zeros(1))
+    cleared = CliRunner().invoke(app, ["cache", "clear", "--older-than", "30 days", "--cache-dir", str(tmp_path)])
+    assert cleared.exit_code == 2
+    assert cleared.stderr.strip() == (
+        "error: --older-than: '30 days' is not an age; give a number and a unit: 30d, 12h, 2w, 90m or 45s"
+    )
+    assert EmbeddingCache(tmp_path).lookup("m", "query", ["a"])[1].all()  # nothing removed
 
 
 def _bm25_config(data: Path, tmp_path: Path, cache: bool = True) -> MineConfig:
@@ -130,7 +189,7 @@ def test_bm25_index_is_cached_grown_by_new_documents_and_rebuilt_when_damaged(
     again, counts = bm25_candidates(full, config)
     assert counts["documents_indexed"] == 0 and again.equals(fresh)
     # Damage a file of the cached index: detected by its checksum, rebuilt, never used.
-    entry = max((p for p in (tmp_path / "cache" / "bm25").iterdir()), key=lambda p: p.stat().st_mtime)
+    entry = max((p for p in (tmp_path / "cache" / "bm25").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     victim = max((p for p in entry.iterdir() if p.suffix not in (".json", ".parquet")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[:-20])
     with caplog.at_level(logging.WARNING):

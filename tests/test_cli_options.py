@@ -46,3 +46,14 @@ def test_shell_completion_script_is_offered(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "complete" in result.stdout and "miner" in result.stdout.lower()
+
+
+def test_an_unknown_flag_is_one_line_with_the_flag_it_was_probably_meant_to_be(tmp_path: Path) -> None:
+    result = _miner("mine", "data", "--num-negative", "3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --num-negative: no such option; did you mean --num-negatives? (`miner mine --help` lists the options)"
+    )
+    result = _miner("mine", "data", "--zzz", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --zzz: no such option; `miner mine --help` lists the options"

@@ -69,3 +69,57 @@ def test_every_command_line_key_is_an_option_of_mine() -> None:
     from miner.config import CLI_KEYS
 
     assert set(CLI_KEYS) <= set(inspect.signature(mine).parameters)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[sample]\nmethod = "topk-abs"\n',
+            "c.toml:2: sample.method: unknown setting; 'method' belongs in [filter]: move it there (as filter.method)",
+        ),
+        (
+            "[filter]\nmargn = 0.1\n",
+            "c.toml:2: filter.margn: unknown setting; did you mean filter.margin?",
+        ),
+        (
+            "[sample]\nthreads = 2\n",
+            "c.toml:2: sample.threads: unknown setting; 'threads' belongs at the top level, before any [section]",
+        ),
+        ("num_negatives = 3\n", "c.toml:1: num_negatives: unknown setting; 'num_negatives' belongs in [sample]"),
+        ("[filtr]\nmethod = 'none'\n", "c.toml:1: filtr: unknown setting; did you mean filter?"),
+    ],
+    ids=["misplaced", "typo", "section-key-at-top", "top-key-in-section", "section-typo"],
+)
+def test_an_unknown_key_is_pointed_to_its_section_or_nearest_name(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as caught:
+        load_config(path, {"data": tmp_path, "out": tmp_path / "o"})
+    assert expected in str(caught.value)
+
+
+def test_a_setting_from_the_command_line_is_named_by_its_flag(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as caught:
+        load_config(None, {"data": tmp_path, "out": tmp_path / "o", "sample.num_negatives": 0})
+    assert str(caught.value).startswith("--num-negatives: Input should be greater than or equal to 1; ")
+    path = tmp_path / "c.toml"
+    path.write_text("[sample]\nnum_negatives = 0\n")
+    with pytest.raises(InputError) as caught:
+        load_config(path, {"data": tmp_path, "out": tmp_path / "o", "sample.num_negatives": None})
+    assert str(caught.value).startswith(f"{path}:2: sample.num_negatives: Input should be greater than or equal to 1")
+
+
+def test_help_shows_each_range_the_config_enforces() -> None:
+    import typer.main
+
+    from miner.cli import app
+    from miner.config import CLI_KEYS, setting_range
+
+    assert setting_range("sample.num_negatives") == ">= 1"
+    assert setting_range("filter.pct") == "> 0 and <= 1"
+    mine = typer.main.get_command(app).commands["mine"]  # type: ignore[attr-defined]
+    helps = {param.name: param.help or "" for param in mine.params}
+    ranged = {name: setting_range(key) for name, key in CLI_KEYS.items() if setting_range(key)}
+    assert ranged and all(bounds in helps[name] for name, bounds in ranged.items())
+    assert "[5; >= 1]" in helps["num_negatives"]

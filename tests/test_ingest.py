@@ -190,10 +190,26 @@ def test_pairs_errors(tmp_path: Path) -> None:
     by_id = write_jsonl(tmp_path / "ids.jsonl", [{"query": "a", "positive_id": "d1"}])
     assert "pairs name positives by id only" in _error(lambda: ingest(by_id))
     nothing = write_jsonl(tmp_path / "n.jsonl", [{"question": "a", "answer": "b"}])
-    assert "no query column" in _error(lambda: ingest(nothing))
+    assert "no query column (looked for query, anchor, query_id; columns found: question, answer)" in _error(
+        lambda: ingest(nothing)
+    )
     corrupt = tmp_path / "c.parquet"
     corrupt.write_bytes(b"PAR1 not really")
     assert "not a readable Parquet file" in _error(lambda: ingest(corrupt))
     json_array = tmp_path / "array.jsonl"
     json_array.write_text(json.dumps([{"query": "a", "positive": "b"}]) + "\n")
     assert "array.jsonl:1: each line must be a JSON object" in _error(lambda: ingest(json_array))
+
+
+def test_a_missing_column_lists_the_columns_the_file_has(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"question": ["a"], "answer": ["b"]}), pairs)
+    assert "columns found: question, answer" in _error(lambda: ingest(pairs))  # not only those it looked for
+    ok_pairs = write_jsonl(tmp_path / "ok.jsonl", [{"query": "a", "positive": "b"}])
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"doc": ["d1"], "text": ["b"]}), corpus)
+    message = _error(lambda: ingest(ok_pairs, corpus=corpus))
+    assert "needs an id column (_id, doc_id, id) and 'text' (columns found: doc, text)" in message

@@ -249,3 +249,30 @@ def test_false_negative_section_agrees_with_the_manifest(mined: Path, index: Pat
     above = negatives.filter(pl.col("negative_score") >= pl.col("positive_score")).height
     assert f"scores {above} of {negatives.height} negatives" in section
     assert "likeliest false negatives" not in page
+
+
+def test_captions_show_code_not_backticks(index: Path) -> None:
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", index.read_text(encoding="utf-8"))
+    assert captions and not [caption for caption in captions if "`" in caption]
+    assert any("<code>positive</code>" in caption for caption in captions)
+
+
+def test_re_mining_removes_the_stale_report_and_the_new_one_names_its_run(
+    mined: Path, tiny_beir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(mined, out)
+    code, stdout, stderr = run_cli("report", out)
+    assert code == 0, stderr
+    old = json.loads((out / "manifest.json").read_text())
+    assert old["run_id"] in Path(stdout.strip()).read_text(encoding="utf-8")
+
+    code, _, stderr = run_cli("mine", tiny_beir, "--out", out, "-q", "--num-negatives", "3")
+    assert code == 0, stderr
+    assert not (out / "report").exists()  # it showed the replaced run's numbers
+    new = json.loads((out / "manifest.json").read_text())
+    assert new["run_id"] != old["run_id"]
+    code, stdout, stderr = run_cli("report", out)
+    assert code == 0, stderr
+    page = Path(stdout.strip()).read_text(encoding="utf-8")
+    assert new["run_id"] in page and new["created"] in page and old["run_id"] not in page

@@ -14,10 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import assert_nothing_partial, assert_rerun_gives, run_cli, wait_for
 
 from miner.config import load_config
-from miner.lock import lock_path
 from miner.resume import StageStore, run_key, work_dir
 from miner.run import ingest_from_config
 
@@ -43,33 +42,6 @@ def _start(data: Path, out: Path, cache: Path, api_url: str) -> subprocess.Popen
     )
 
 
-def _assert_nothing_partial(out: Path) -> None:
-    """Every file in OUT is whole: no temporary names, Parquet that reads, a manifest that matches."""
-    if not out.exists():
-        return
-    names = sorted(p.name for p in out.iterdir())
-    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")], names
-    for name in names:
-        if name.endswith(".parquet"):
-            pq.read_table(out / name)
-    if "manifest.json" in names:
-        manifest = json.loads((out / "manifest.json").read_text())
-        for name in manifest["files"]:
-            assert name in names
-        assert pq.read_metadata(out / "negatives.parquet").num_rows == manifest["counts"]["export"]["negatives.parquet"]
-
-
-def _wait_for(path: Path, process: subprocess.Popen[bytes], timeout: float = 300) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return True
-        if process.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
-
-
 def test_sigkill_at_many_moments_then_rerun_gives_the_same_rows(
     tiny_beir: Path, tmp_path: Path, prefect_server: str
 ) -> None:
@@ -91,10 +63,10 @@ def test_sigkill_at_many_moments_then_rerun_gives_the_same_rows(
         cache = tmp_path / f"cache-{trial}"  # cold, so that encoding itself can be interrupted
         process = _start(tiny_beir, out, cache, prefect_server)
         if moment.startswith("after "):
-            reached = _wait_for(work_dir(out) / f"{moment.removeprefix('after ')}.done.json", process)
+            reached = wait_for(work_dir(out) / f"{moment.removeprefix('after ')}.done.json", process)
         elif moment == "writing outputs":
             (out / "manifest.json").unlink(missing_ok=True)
-            reached = _wait_for(out / "negatives.parquet", process)
+            reached = wait_for(out / "negatives.parquet", process)
         else:
             reached = True
         time.sleep(delay)
@@ -103,13 +75,9 @@ def test_sigkill_at_many_moments_then_rerun_gives_the_same_rows(
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert reached, f"trial {trial} ({moment}): the run ended before that point"
-        _assert_nothing_partial(out)
+        assert_nothing_partial(out)
 
-        code, _, stderr = run_cli(*_command(tiny_beir, out, cache))
-        assert code == 0, f"trial {trial} ({moment}): re-run failed: {stderr}"
-        _assert_nothing_partial(out)
-        assert pq.read_table(out / "negatives.parquet").equals(reference), f"trial {trial} ({moment})"
-        assert not work_dir(out).exists() and not lock_path(out).exists()
+        assert_rerun_gives(reference, _command(tiny_beir, out, cache), out, f"trial {trial} ({moment})")
     # Most kills must land while the run was working, or the trials test nothing.
     assert killed_in_flight >= len(moments) - 2
 

@@ -105,7 +105,7 @@ def test_rerun_with_fewer_formats_leaves_only_its_files(mined: Path, tiny_beir: 
 def test_unknown_format_is_one_line_and_writes_nothing(tiny_beir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ("mine", tiny_beir, "--out", out, "--format", "triplets,nonsense")
-    refused(args, "error: command line: formats: unknown format 'nonsense'", out)
+    refused(args, "error: --format: unknown format 'nonsense'", out)
 
 
 @pytest.mark.parametrize(

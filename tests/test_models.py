@@ -1,0 +1,184 @@
+"""Models are resolved before anything runs: an unreachable hub id and a bi-encoder given as the cross-encoder
+are refused with one line, before ingest, leaving nothing behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from miner.config import load_config
+from miner.errors import InputError
+from miner.lock import lock_path
+from miner.pipeline import resolve_models
+from miner.resume import work_dir
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def _nothing_left(out: Path) -> None:
+    assert not out.exists() and not work_dir(out).exists() and not lock_path(out).exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+@pytest.fixture
+def silent_hub() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A hub endpoint that accepts connections and never answers, as a network that swallows packets does;
+    yields its URL and the connections it accepted."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(connection)
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    server.close()
+    for connection in accepted:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "spec", "instead"),
+    [
+        ("--model", "BAAI/bge-small-en", "or the bundled 'all-MiniLM-L6-v2'"),
+        ("--cross-encoder", "BAAI/bge-reranker-base", "leave out --cross-encoder"),
+    ],
+)
+def test_a_hub_id_the_network_does_not_answer_for_is_refused_after_one_request_before_ingest(
+    tiny_beir: Path,
+    tmp_path: Path,
+    silent_hub: tuple[str, list[socket.socket]],
+    flag: str,
+    spec: str,
+    instead: str,
+) -> None:
+    url, accepted = silent_hub
+    hub_settings = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_HOME", "HF_ENDPOINT")
+    env = {k: v for k, v in os.environ.items() if k not in hub_settings and k != "PREFECT_API_URL"}
+    env |= {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home")}  # an empty hub cache
+    out = tmp_path / "runs" / "out"
+    out.parent.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "miner.cli", "mine", str(tiny_beir), "--out", str(out), flag, spec],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    line = _one_line(result.stderr)
+    assert line.startswith(f"error: {spec}: model not found: ") and f"{url} did not answer" in line, line
+    assert str(tmp_path / "hf-home") in line and instead in line, line
+    # One request, no retries: the hub client's own retries took over a minute in the issue.
+    assert len(accepted) == 1
+    _nothing_left(out)
+
+
+def _refused_in_process(data: Path, tmp_path: Path, *args: str) -> str:
+    """The one line `miner mine DATA ARGS` is refused with, having left nothing beside its output folder."""
+    out = tmp_path / "runs" / "out"
+    out.parent.mkdir()
+    code, _, stderr = run_cli("mine", data, "--out", out, *args)
+    assert code == 2
+    line = _one_line(stderr)
+    _nothing_left(out)
+    return line
+
+
+def test_a_hub_id_when_offline_is_refused_naming_the_hub_cache(tiny_beir: Path, tmp_path: Path) -> None:
+    line = _refused_in_process(tiny_beir, tmp_path, "--model", "BAAI/bge-small-en")
+    assert "not in the hub cache" in line and "HF_HUB_OFFLINE is set" in line, line
+
+
+def test_a_bi_encoder_given_as_the_cross_encoder_is_refused_before_any_work(tiny_beir: Path, tmp_path: Path) -> None:
+    line = _refused_in_process(tiny_beir, tmp_path, "--cross-encoder", "all-MiniLM-L6-v2")
+    assert line.startswith("error: all-MiniLM-L6-v2: not a cross-encoder: its weights are a BertModel"), line
+    assert "randomly initialised head" in line and "--allow-untrained-head" in line, line
+
+
+def test_allow_untrained_head_lets_the_bi_encoder_through_and_a_real_cross_encoder_needs_no_flag(
+    tiny_beir: Path, tmp_path: Path, tiny_cross_encoder: Path, bundled_model_path: Path
+) -> None:
+    base = {"data": tiny_beir, "out": tmp_path / "out"}
+    allowed = load_config(
+        None, {**base, "models.cross_encoder": "all-MiniLM-L6-v2", "models.allow_untrained_head": True}
+    )
+    _, teacher = resolve_models(allowed)
+    assert teacher is not None and Path(teacher.location) == bundled_model_path
+    # The tests' random cross-encoder is saved with its head: its scores are random, but not a fresh head's.
+    _, teacher = resolve_models(load_config(None, {**base, "models.cross_encoder": str(tiny_cross_encoder)}))
+    assert teacher is not None and teacher.origin == "local"
+
+
+def test_one_progress_bar_counts_every_text_across_chunks(
+    embedding_model, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+
+    from miner import models
+
+    texts = [f"query number {n} about lift" for n in range(7)]
+    table = pa.table({"query_id": [str(n) for n in range(7)], "text": texts, "text_hash": texts})
+    monkeypatch.setattr(models, "ENCODE_CHUNK", 3)  # three chunks: a bar per chunk would restart twice
+    embeddings = models.embed_table(
+        embedding_model, table, id_column="query_id", kind="query", batch_size=2, show_progress=True
+    )
+    assert embeddings.encoded == 7
+    shown = capsys.readouterr().err
+    assert "Encoding queries" in shown and "querys" not in shown
+    totals = {part.split("/")[1].split()[0] for part in shown.replace("\r", "\n").split("|") if "/" in part}
+    assert totals == {"7"}, shown  # one bar, over all seven texts
+
+
+def test_inspect_prints_a_flag_as_true_not_as_one(tmp_path: Path) -> None:
+    import json
+
+    manifest = {"teacher": "t", "counts": {"dense_index": {"exact": True, "documents": 3}}, "scores": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, _ = run_cli("inspect", tmp_path)
+    assert code == 0
+    lines = {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.startswith("  ")}
+    assert lines["exact"] == "true" and lines["documents"] == "3"
+
+
+def test_audit_refuses_a_bi_encoder_as_cross_encoder_before_reading_the_data(tmp_path: Path) -> None:
+    out, data = tmp_path / "audit", tmp_path / "not-read-yet"  # ingest would refuse it: the model comes first
+    setting = "ce: models.cross_encoder=all-MiniLM-L6-v2"
+    code, _, stderr = run_cli("audit", data, "--out", out, "--setting", "plain: filter.pct=0.9", "-s", setting)
+    assert code == 2
+    assert _one_line(stderr).startswith("error: all-MiniLM-L6-v2: not a cross-encoder: ")
+    assert not out.exists()
+
+
+def test_a_model_sentence_transformers_saved_as_a_cross_encoder_passes_whatever_its_architecture(
+    tmp_path: Path, bundled_model_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from miner.models import check_cross_encoder, resolve_model
+
+    folder = tmp_path / "reranker"
+    shutil.copytree(bundled_model_path, folder)  # a BertModel: refused as it is
+    with pytest.raises(InputError, match="not a cross-encoder"):
+        check_cross_encoder(resolve_model(str(folder)))
+    # A causal-LM reranker, say: no ...ForSequenceClassification, but saved by sentence-transformers as a CrossEncoder.
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"model_type": "CrossEncoder"}))
+    check_cross_encoder(resolve_model(str(folder)))
