@@ -79,7 +79,7 @@ def _pairs(negatives: pl.DataFrame) -> pl.DataFrame:
 def test_manifest_lists_exactly_the_files_written(mined: Path) -> None:
     manifest = json.loads((mined / "manifest.json").read_text())
     written = sorted(path.name for path in mined.iterdir())
-    assert written == sorted(manifest["files"]) == sorted([*formats.FILES.values(), "manifest.json"])
+    assert written == sorted(manifest["files"]) == sorted([*formats.FILES.values(), "README.md", "manifest.json"])
     exported = manifest["counts"]["export"]
     for name in formats.FILES.values():
         assert exported[name] == _file_rows(mined / name) > 0, name
@@ -95,7 +95,7 @@ def test_rerun_with_fewer_formats_leaves_only_its_files(mined: Path, tiny_beir: 
     )
     assert code == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    expected = ["manifest.json", "margin-mse.parquet", "negatives.parquet"]
+    expected = ["README.md", "manifest.json", "margin-mse.parquet", "negatives.parquet"]
     assert sorted(path.name for path in out.iterdir()) == sorted(manifest["files"]) == expected
     assert set(manifest["counts"]["export"]) == {"negatives.parquet", "margin-mse.parquet"}
 
