@@ -32,7 +32,9 @@ def _configs(files: list[str]) -> list[str]:
     names = {file_name: name for name, file_name in formats.FILES.items()}
     lines = ["configs:"]
     for file_name in files:
-        if file_name not in names:
+        # `datasets` picks one builder for a whole folder, from its first config's files: the Parquet one here.
+        # A JSONL config would be read as Parquet and fail, so the JSONL files are named in the text instead.
+        if file_name not in names or not file_name.endswith(".parquet"):
             continue
         # JSON-quoted, so a name is valid YAML whatever it holds.
         lines += [
@@ -80,6 +82,19 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _jsonl_lines(files: list[str]) -> list[str]:
+    jsonl = [file for file in files if file.endswith(".jsonl")]
+    if not jsonl:
+        return []
+    return [
+        "Files for other trainers, one JSON object per line (a dataset folder has one file format, so these are",
+        'loaded by path: `datasets.load_dataset("json", data_files="path/to/this/folder/<file>")`):',
+        "",
+        *[f"- `{file}`" for file in jsonl],
+        "",
+    ]
+
+
 def dataset_card(manifest: dict[str, Any]) -> str:
     """The card's text: YAML front matter with one config per exported file, then the mining summary."""
     files = [name for name in manifest.get("files", []) if name in formats.FILES.values()]
@@ -92,8 +107,13 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "",
         'Load one file by its config name, e.g. `datasets.load_dataset("path/to/this/folder", "triplets")`:',
         "",
-        *[f"- `{CONFIG_NAMES[name]}`: `{file}`" for name, file in formats.FILES.items() if file in files],
+        *[
+            f"- `{CONFIG_NAMES[name]}`: `{file}`"
+            for name, file in formats.FILES.items()
+            if file in files and file.endswith(".parquet")
+        ],
         "",
+        *_jsonl_lines(files),
         *_summary(manifest),
     ]
     return "\n".join(lines) + "\n"
