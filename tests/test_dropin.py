@@ -154,10 +154,16 @@ def test_labeled_lists(dataset: Dataset, corpus: list[str], negatives: pl.DataFr
             assert values == [1] + [0] * (len(documents) - 1)
 
 
-def test_triplets_without_scores_have_three_columns(dataset: Dataset, corpus: list[str]) -> None:
+def test_triplets_train_a_sentence_transformer(
+    dataset: Dataset, corpus: list[str], bundled_model_path: Path, tmp_path: Path
+) -> None:
+    """Without scores, a triplet result goes straight into SentenceTransformerTrainer (two real steps)."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from test_trainers import _train_bi_encoder
+
     triplets = _mine(dataset.select(range(20)), corpus, output_format="triplet")
     assert triplets.column_names == ["question", "answer", "negative"]
-    assert triplets.num_rows > 0
+    _train_bi_encoder(bundled_model_path, triplets, MultipleNegativesRankingLoss, tmp_path / "trained")
 
 
 # --- sampling, window and scores ----------------------------------------------------------------------------------
