@@ -278,6 +278,14 @@ def test_a_prompt_changes_the_vectors_and_the_cache_key(embedding_model: Any) ->
     assert prompted_model_key("k", "query", ("query: ", None)) != prompted_model_key("k", "document", ("query: ", None))
 
 
+def test_a_query_prompt_reaches_the_encoder(dataset: Dataset, corpus: list[str]) -> None:
+    subset = dataset.select(range(20))
+    plain = _mine(subset, corpus, output_format="labeled-pair", output_scores=True)
+    prompted = _mine(subset, corpus, output_format="labeled-pair", output_scores=True, query_prompt="query: ")
+    # The bi-encoder teacher's scores are cosines with the query vector: the prompt moves every one of them.
+    assert plain["score"][0] != pytest.approx(prompted["score"][0], abs=1e-6)
+
+
 # --- the same rows as `miner mine` ---------------------------------------------------------------------------------
 
 
