@@ -174,19 +174,22 @@ def mine_hard_negatives(
         log.warning('include_positives=True: output_format is set to "n-tuple" to keep the ranking order')
         output_format = "n-tuple"
 
-    with tempfile.TemporaryDirectory(prefix="miner-dropin-") as scratch:
-        folder = Path(scratch)
-        rows, documents = _write_inputs(table, anchor, positive, texts, folder)
-        settings["models"] = {
-            **settings.get("models", {}),
-            "embedding_model": _model_location(model, "model", folder / "model"),
-            "cross_encoder": _model_location(cross_encoder, "cross_encoder", folder / "cross-encoder"),
+    def configured(folder: Path | None) -> MineConfig:
+        """The run's config; with `folder` None, checked on stand-in paths before anything is written or saved."""
+        place = folder or Path(tempfile.gettempdir())
+        models = {
+            "embedding_model": _model_location(model, "model", folder and folder / "model"),
+            "cross_encoder": _model_location(cross_encoder, "cross_encoder", folder and folder / "cross-encoder"),
         }
-        target = Path(out) if out is not None else folder / "out"
-        config = _config(
-            {"data": str(folder / "pairs.parquet"), "corpus": str(folder / "corpus.parquet"), "out": str(target)},
-            settings,
-        )
+        paths = {"data": place / "pairs.parquet", "corpus": place / "corpus.parquet", "out": out or place / "out"}
+        nested = {**settings, "models": {**settings.get("models", {}), **models}}
+        return _config({key: str(path) for key, path in paths.items()}, nested)
+
+    configured(None)
+    with tempfile.TemporaryDirectory(prefix="miner-dropin-") as scratch:
+        rows, documents = _write_inputs(table, anchor, positive, texts, Path(scratch))
+        config = configured(Path(scratch))
+        target = config.out
         try:
             mine(config, logger=log)
         except InputError as error:
@@ -356,18 +359,20 @@ def _check_prompt_names(model: Any, *prompts: str | None) -> None:
             raise ValueError(f"{argument}: '{name}' is not a prompt of the model (prompts: {', '.join(model.prompts)})")
 
 
-def _model_location(model: Any, argument: str, folder: Path) -> str | None:
+def _model_location(model: Any, argument: str, folder: Path | None) -> str | None:
     """A model name or folder as given; a loaded model is saved to `folder` so the pipeline loads the same weights
-    (and the cache keys them by their bytes)."""
+    (and the cache keys them by their bytes). With `folder` None only the type is checked."""
     if model is None and argument == "cross_encoder":
         return None
     if isinstance(model, str | Path):
         return str(model)
     wanted = "SentenceTransformer" if argument == "model" else "CrossEncoder"
-    if _is_model_object(model, wanted):
-        model.save(str(folder))
-        return str(folder)
-    raise TypeError(f"{argument}: expected a {wanted} or a model name or folder, got {type(model).__name__}")
+    if not _is_model_object(model, wanted):
+        raise TypeError(f"{argument}: expected a {wanted} or a model name or folder, got {type(model).__name__}")
+    if folder is None:
+        return "loaded model"
+    model.save(str(folder))
+    return str(folder)
 
 
 # --- inputs and output ----------------------------------------------------------------------------------------
