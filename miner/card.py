@@ -57,6 +57,9 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
     filter_settings = config.get("filter", {})
     estimate = manifest.get("false_negatives_estimate") or {}
     rate = estimate.get("rate") if isinstance(estimate, dict) else None
+    # The depth the data chose ("auto"), else the one configured.
+    depth = manifest.get("filter_choice", {}).get("expansion", {}).get("expansion_depth")
+    depth = filter_settings.get("expansion_depth", "?") if depth is None else depth
     lines = [
         "## How it was mined",
         "",
@@ -66,15 +69,14 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
         f"positives, {ingest.get('documents', '?')} documents.",
         f"- Candidates: {' + '.join(retrievers) or 'none'} retrieval "
         f"with `{config.get('models', {}).get('embedding_model', '?')}`; teacher: `{manifest.get('teacher', '?')}`.",
-        f"- Filter: method `{filter_settings.get('method', '?')}`, evidence cut depth "
-        f"`{filter_settings.get('expansion_depth', '?')}`; removed per rule: "
-        + ", ".join(f"{rule} {n}" for rule, n in counts.get("filter", {}).items()),
+        f"- Filter: method `{filter_settings.get('method', '?')}`, evidence cut depth {depth}; candidates per "
+        "verdict: " + ", ".join(f"{rule} {n}" for rule, n in counts.get("filter", {}).items() if n) + ".",
         f"- Sampling: `{config.get('sample', {}).get('strategy', '?')}`, "
         f"{config.get('sample', {}).get('num_negatives', '?')} negatives per (query, positive); "
         f"{sample.get('negatives', '?')} negatives for {sample.get('pairs', '?')} pairs "
         f"({sample.get('pairs_short', '?')} short, {sample.get('pairs_without_negatives', '?')} without any).",
         "- Estimated false-negative rate: "
-        + (f"{rate:.4f}" if isinstance(rate, int | float) else "not measurable on this data (see the manifest)")
+        + (f"{rate:.4f}" if isinstance(rate, int | float) else f"not measured ({estimate.get('method', 'see the manifest')})")
         + ".",
         "",
         f"Everything else (settings, model fingerprints, input checksums, timings) is in `{export.MANIFEST_FILE}`.",
