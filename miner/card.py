@@ -57,6 +57,8 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
     filter_settings = config.get("filter", {})
     estimate = manifest.get("false_negatives_estimate") or {}
     rate = estimate.get("rate") if isinstance(estimate, dict) else None
+    method = estimate.get("method", "see the manifest") if isinstance(estimate, dict) else "see the manifest"
+    rate_text = f"{rate:.4f}" if isinstance(rate, int | float) else f"not measured ({method})"
     # The depth the data chose ("auto"), else the one configured.
     depth = manifest.get("filter_choice", {}).get("expansion", {}).get("expansion_depth")
     depth = filter_settings.get("expansion_depth", "?") if depth is None else depth
@@ -75,9 +77,7 @@ def _summary(manifest: dict[str, Any]) -> list[str]:
         f"{config.get('sample', {}).get('num_negatives', '?')} negatives per (query, positive); "
         f"{sample.get('negatives', '?')} negatives for {sample.get('pairs', '?')} pairs "
         f"({sample.get('pairs_short', '?')} short, {sample.get('pairs_without_negatives', '?')} without any).",
-        "- Estimated false-negative rate: "
-        + (f"{rate:.4f}" if isinstance(rate, int | float) else f"not measured ({estimate.get('method', 'see the manifest')})")
-        + ".",
+        f"- Estimated false-negative rate: {rate_text}.",
         "",
         f"Everything else (settings, model fingerprints, input checksums, timings) is in `{export.MANIFEST_FILE}`.",
     ]
