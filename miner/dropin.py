@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -61,7 +61,7 @@ def mine_hard_negatives(
     model: Any,
     anchor_column_name: str | None = None,
     positive_column_name: str | None = None,
-    corpus: Sequence[str] | None = None,
+    corpus: Iterable[str] | None = None,
     cross_encoder: Any = None,
     range_min: int = 0,
     range_max: int | None = None,
@@ -253,15 +253,17 @@ def _check_choices(output_format: str, sampling_strategy: str, include_positives
         raise TypeError(f"include_positives: expected True or False, got {type(include_positives).__name__}")
 
 
-def _texts(corpus: Sequence[str] | None) -> list[str]:
+def _texts(corpus: Iterable[str] | None) -> list[str]:
     if corpus is None:
         return []
-    if isinstance(corpus, str) or not isinstance(corpus, Sequence):
+    # Any iterable of texts (a list, a Dataset column, a numpy array); a lone string or a mapping is a mistake.
+    if isinstance(corpus, str | bytes | Mapping) or not isinstance(corpus, Iterable):
         raise TypeError(f"corpus: expected a list of texts, got {type(corpus).__name__}")
-    wrong = next((text for text in corpus if not isinstance(text, str)), None)
+    texts = [str(text) if isinstance(text, str) else text for text in corpus]  # numpy's str_ as str
+    wrong = next((text for text in texts if not isinstance(text, str)), None)
     if wrong is not None:
         raise TypeError(f"corpus: expected a list of texts, found a {type(wrong).__name__}")
-    return list(corpus)
+    return texts
 
 
 def _settings(
