@@ -264,6 +264,23 @@ def test_tables_and_loaded_models_are_accepted(
         mine_hard_negatives(table, embedding_model, "q", "p", query_prompt_name="nope", verbose=False)
 
 
+def test_a_loaded_cross_encoder_is_the_teacher(
+    dataset: Dataset, corpus: list[str], tiny_cross_encoder: Path, tmp_path: Path
+) -> None:
+    from sentence_transformers import CrossEncoder
+
+    teacher = CrossEncoder(str(tiny_cross_encoder), device="cpu")
+    subset = dataset.select(range(10))
+    mined = _mine(subset, corpus, cross_encoder=teacher, output_scores=True, out=tmp_path / "out")
+    assert mined.num_rows > 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["teacher"].startswith("cross-encoder:")
+    # The scores are the teacher's: the same pair scored by the loaded model gives the same number.
+    row = mined[0]
+    expected = teacher.predict([(row["question"], row["negative"])], batch_size=1)[0]
+    assert row["scores"][1] == pytest.approx(float(expected), abs=1e-4)
+
+
 # --- prompts ------------------------------------------------------------------------------------------------------
 
 
