@@ -124,6 +124,12 @@ class ModelConfig(_Section):
     # A cross-encoder whose classification head would be initialised at random scores noise: refused unless
     # asked for (tests score with such a model on purpose).
     allow_untrained_head: bool = False
+    # Instruction prompts for the embedding model (e5, bge, ...): a prompt text wins over a prompt name (a key of
+    # the model's `prompts`); with neither, the model's own "query"/"document" prompt applies, if it has one.
+    query_prompt: str | None = None
+    query_prompt_name: str | None = None
+    document_prompt: str | None = None
+    document_prompt_name: str | None = None
 
 
 class FilterConfig(_Section):
@@ -170,6 +176,11 @@ class FilterConfig(_Section):
     # `fallback_steps` steps of `fallback_width` ranks, nearest step first. 0 turns it off.
     fallback_steps: int = Field(0, ge=0)
     fallback_width: int = Field(50, ge=1)
+    # Floor: drop candidates the teacher scores below this (too easy to teach anything). Off by default.
+    min_score: float | None = None
+    # Keep the labelled positives (and their copies) among the ranked candidates instead of dropping them: a full
+    # ranking for reranking evaluation data, as sentence-transformers' include_positives gives.
+    include_positives: bool = False
 
     @property
     def needs_geometry(self) -> bool:
@@ -268,6 +279,10 @@ class MineConfig(_Section):
     def _dask_runs_through_prefect(self) -> MineConfig:
         if self.dask and self.engine == "local":
             raise ValueError("Dask runs the stages as Prefect tasks; use engine prefect or auto with Dask")
+        prompts = self.models.query_prompt, self.models.query_prompt_name, self.models.document_prompt
+        if self.dask and any(prompt is not None for prompt in (*prompts, self.models.document_prompt_name)):
+            # The Dask workers encode through distributed.prefill_embeddings, which knows no prompts.
+            raise ValueError("embedding prompts are not supported with Dask yet; run without dask_address/workers")
         if self.dask_address is not None and self.workers is not None:
             raise ValueError("give either dask_address (an existing cluster) or workers (a local one), not both")
         if self.dask_address is not None and not re.match(r"^(tcp|tls|inproc|ucx)://[^\s]+$", self.dask_address):

@@ -13,6 +13,9 @@ Rules, in the order a candidate meets them (the first that applies is recorded i
   topk-abs | topk-marginpos | topk-percpos
                         the positive-aware rule of NV-Retriever (Moreira et al., 2024): a candidate the
                         teacher scores too close to (or above) the positive is likely an unlabelled positive
+  min_score             teacher score below `min_score`
+
+With `include_positives` the first two rules are off: positives are ranked (and sampled) like any candidate.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ RULES = (
     "topk-abs",
     "topk-marginpos",
     "topk-percpos",
+    "min_score",
 )
 
 
@@ -133,7 +137,10 @@ def annotated_candidates(
         _is_positive=pl.col("_is_positive").fill_null(False),
         _copies_positive=pl.col("_copies_positive").fill_null(False),
         _invalid=invalid,
-    ).with_columns(_rankable=~(pl.col("_is_positive") | pl.col("_copies_positive") | pl.col("_invalid")))
+    )
+    if config.include_positives:
+        frame = frame.with_columns(_is_positive=pl.lit(False), _copies_positive=pl.lit(False))
+    frame = frame.with_columns(_rankable=~(pl.col("_is_positive") | pl.col("_copies_positive") | pl.col("_invalid")))
     rankable = pl.col("_rankable")
     # Rank by teacher score, ties by doc_id, counting only rankable candidates.
     frame = frame.sort(
@@ -242,10 +249,14 @@ def positive_aware_filter(
     ceiling = score_ceiling(config)
     if ceiling is not None:
         verdict = verdict.when(pl.col("teacher_score") > ceiling).then(pl.lit(config.method))
+    if config.min_score is not None:
+        verdict = verdict.when(pl.col("teacher_score") < config.min_score).then(pl.lit("min_score"))
     frame = frame.with_columns(dropped_by=verdict.otherwise(pl.lit(None, pl.String)))
     # Past range_max and clear of every other rule: admissible if the pair is short of negatives.
     beyond = pl.col("teacher_rank") - config.range_max
     passes_score_rule = pl.lit(True) if ceiling is None else pl.col("teacher_score") <= ceiling
+    if config.min_score is not None:
+        passes_score_rule = passes_score_rule & (pl.col("teacher_score") >= config.min_score)
     step = ((beyond + config.fallback_width - 1) // config.fallback_width).cast(pl.Int32)
     frame = frame.with_columns(
         fallback_step=pl.when(pl.col("dropped_by").is_null())

@@ -223,19 +223,48 @@ def encode(
     kind: str,
     batch_size: int,
     show_progress: bool,
+    prompt: Prompt = None,
 ) -> np.ndarray:
     """Unit-normalised float32 embeddings, so that inner product is cosine similarity.
 
-    `kind` is "query" or "document": models with prompts (e5, bge, ...) get the right one.
+    `kind` is "query" or "document": models with prompts (e5, bge, ...) get the right one, unless `prompt`
+    names another.
     """
     values = texts if isinstance(texts, list) else texts.to_pylist()
     if not values:
         return np.zeros((0, model.get_embedding_dimension() or 0), dtype=np.float32)
     encoder = model.encode_query if kind == "query" else model.encode_document
     vectors = encoder(
-        values, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show_progress
+        values,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=show_progress,
+        **prompt_arguments(prompt),
     )
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+# (prompt text, prompt name): the text wins, as in SentenceTransformer.encode; None (or both None) keeps the
+# model's own prompt for the kind of text.
+Prompt = tuple[str | None, str | None] | None
+
+
+def prompt_arguments(prompt: Prompt) -> dict[str, str]:
+    text, name = prompt or (None, None)
+    if text is not None:
+        return {"prompt": text}
+    return {"prompt_name": name} if name is not None else {}
+
+
+def prompted_model_key(key: str, kind: str, prompt: Prompt) -> str:
+    """The embedding cache key of `kind` texts encoded with `prompt`: a prompt changes every vector, so texts
+    encoded under another prompt (or none) must never be found in the cache."""
+    arguments = prompt_arguments(prompt)
+    if not arguments:
+        return key
+    signature = repr((key, kind, sorted(arguments.items()))).encode()
+    return hashlib.blake2b(signature, digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -300,6 +329,7 @@ def encode_chunk(
     kind: str,
     batch_size: int,
     advance: Callable[[int], object] | None = None,
+    prompt: Prompt = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(unit vectors, whether each text was longer than the model reads) for one chunk.
 
@@ -318,7 +348,7 @@ def encode_chunk(
     for start in range(0, len(values), batch_size):
         rows = order[start : start + batch_size]
         batch = [values[row] for row in rows]
-        vectors[rows] = encode(model, batch, kind=kind, batch_size=batch_size, show_progress=False)
+        vectors[rows] = encode(model, batch, kind=kind, batch_size=batch_size, show_progress=False, prompt=prompt)
         if advance is not None:
             advance(len(rows))
     return vectors, lengths > model.max_seq_length
@@ -348,12 +378,15 @@ def embed_table(
     cache: EmbeddingCache | None = None,
     model_key: str = "",
     allocate: Allocator = in_memory,
+    prompt: Prompt = None,
 ) -> Embeddings:
     """Embed a table's `text`; each distinct text (by `text_hash`) once, and only if the cache lacks it.
 
     `allocate` makes the matrix the vectors go into: `vectors.on_disk` keeps a large corpus out of memory.
+    `prompt` (text, name) replaces the model's own prompt for `kind`, and keys the cache.
     """
     handle = ModelHandle.of(model)
+    model_key = prompted_model_key(model_key, kind, prompt)
     rows = table.num_rows
     vectors, found, truncated = None, np.zeros(rows, dtype=bool), np.zeros(rows, dtype=bool)
     if cache is not None:
@@ -367,7 +400,9 @@ def embed_table(
             texts = table.column("text").take(pa.array([rows_of[text_hash][0] for text_hash in chunk]))
             drop_mapped_pages()
             advance = bar.update if bar is not None else None
-            fresh, over = encode_chunk(handle.model, texts, kind=kind, batch_size=batch_size, advance=advance)
+            fresh, over = encode_chunk(
+                handle.model, texts, kind=kind, batch_size=batch_size, advance=advance, prompt=prompt
+            )
             for text_hash, vector, cut in zip(chunk, fresh, over, strict=True):
                 vectors[rows_of[text_hash]] = vector
                 truncated[rows_of[text_hash]] = cut

@@ -163,9 +163,26 @@ def embed(
     def allocator(kind: str) -> Allocator:
         return on_disk(vectors_dir / f"vectors-{kind}.npy") if vectors_dir is not None else in_memory
 
+    models = config.models
     return (
-        embed_table(model, data.queries, id_column="query_id", kind="query", allocate=allocator("query"), **options),
-        embed_table(model, corpus, id_column="doc_id", kind="document", allocate=allocator("document"), **options),
+        embed_table(
+            model,
+            data.queries,
+            id_column="query_id",
+            kind="query",
+            allocate=allocator("query"),
+            prompt=(models.query_prompt, models.query_prompt_name),
+            **options,
+        ),
+        embed_table(
+            model,
+            corpus,
+            id_column="doc_id",
+            kind="document",
+            allocate=allocator("document"),
+            prompt=(models.document_prompt, models.document_prompt_name),
+            **options,
+        ),
     )
 
 

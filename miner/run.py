@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from miner import export, formats
+from miner import card, export, formats
 from miner.atomic import write_json_atomic
 from miner.config import MineConfig
 from miner.distributed import ShardRunner
@@ -97,10 +97,12 @@ def write_outputs(
         scores=export.score_statistics(negatives),
         timings=timings,
         resumed=resumed,
-        files=[*outputs, export.MANIFEST_FILE],
+        files=[*outputs, card.CARD_FILE, export.MANIFEST_FILE],
         teacher=scored.teacher,
         choice=chosen.choice,
     )
+    # The card summarises the manifest, so it is built from it; the manifest still comes last.
+    card.write_card(manifest, out, scratch=scratch)
     write_json_atomic(manifest, out / export.MANIFEST_FILE, scratch=scratch)
     return manifest
 

@@ -36,7 +36,7 @@ def mined(small_beir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_outputs_and_manifest_agree(mined: Path, small_beir: Path) -> None:
     names = sorted(p.name for p in mined.iterdir())
-    assert names == ["manifest.json", "negatives.parquet", "ntuples.parquet", "triplets.parquet"]
+    assert names == ["README.md", "manifest.json", "negatives.parquet", "ntuples.parquet", "triplets.parquet"]
     manifest = json.loads((mined / "manifest.json").read_text())
     negatives = pl.read_parquet(mined / "negatives.parquet")
     counts = manifest["counts"]

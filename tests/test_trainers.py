@@ -81,7 +81,7 @@ def test_manifest_lists_exactly_the_files_written(mined: Path) -> None:
     written = sorted(path.name for path in mined.iterdir())
     # `all` is every format but the batched ones, which need a batch size (tests/test_batches.py).
     files = [formats.FILES[name] for name in ALL_FORMATS]
-    assert written == sorted(manifest["files"]) == sorted([*files, "manifest.json"])
+    assert written == sorted(manifest["files"]) == sorted([*files, "README.md", "manifest.json"])
     exported = manifest["counts"]["export"]
     for name in files:
         assert exported[name] == _file_rows(mined / name) > 0, name
@@ -97,7 +97,7 @@ def test_rerun_with_fewer_formats_leaves_only_its_files(mined: Path, tiny_beir: 
     )
     assert code == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    expected = ["manifest.json", "margin-mse.parquet", "negatives.parquet"]
+    expected = ["README.md", "manifest.json", "margin-mse.parquet", "negatives.parquet"]
     assert sorted(path.name for path in out.iterdir()) == sorted(manifest["files"]) == expected
     assert set(manifest["counts"]["export"]) == {"negatives.parquet", "margin-mse.parquet"}
 
