@@ -17,15 +17,6 @@ from miner.atomic import atomic_write
 CARD_FILE = "README.md"
 
 # Format name -> dataset config name: plural nouns, as the files are named.
-CONFIG_NAMES: dict[str, str] = {
-    "negatives": "negatives",
-    "triplets": "triplets",
-    "ntuples": "ntuples",
-    "labeled-pairs": "labeled-pairs",
-    "flagembedding": "flagembedding",
-    "tevatron": "tevatron",
-    "margin-mse": "margin-mse",
-}
 
 
 def _configs(files: list[str]) -> list[str]:
@@ -38,7 +29,7 @@ def _configs(files: list[str]) -> list[str]:
             continue
         # JSON-quoted, so a name is valid YAML whatever it holds.
         lines += [
-            f"- config_name: {json.dumps(CONFIG_NAMES[names[file_name]])}",
+            f"- config_name: {json.dumps(names[file_name])}",
             *(["  default: true"] if names[file_name] == "negatives" else []),
             "  data_files:",
             "  - split: train",
@@ -110,7 +101,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         'Load one file by its config name, e.g. `datasets.load_dataset("path/to/this/folder", "triplets")`:',
         "",
         *[
-            f"- `{CONFIG_NAMES[name]}`: `{file}`"
+            f"- `{name}`: `{file}`"
             for name, file in formats.FILES.items()
             if file in files and file.endswith(".parquet")
         ],

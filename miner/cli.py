@@ -80,10 +80,12 @@ def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
             raise typer.Exit(2) from None
         except BaseException as error:
             # Code that was running when the signal came may have turned it into an error of its own (torch
-            # reports one as `RuntimeError: Invalid (backend, op) pair`): the signal decides, not the error.
-            if not _received and not isinstance(error, KeyboardInterrupt | Interrupted):
+            # reports one as `RuntimeError: Invalid (backend, op) pair`; Prefect, catching SIGTERM itself, may
+            # fail while unwinding with `Task run is not set`): the signal decides, not the error.
+            signalled = _signal_behind(error)
+            if not _received and signalled is None:
                 raise
-            signum = _received[0] if _received else getattr(error, "signum", signal.SIGINT)
+            signum = _received[0] if _received else signalled or signal.SIGINT
             typer.echo(
                 f"error: interrupted by {signal.Signals(signum).name}; run the same command again to resume "
                 "(finished stages are kept)",
@@ -92,6 +94,23 @@ def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
             raise typer.Exit(128 + signum) from None
 
     return run
+
+
+def _signal_behind(error: BaseException) -> int | None:
+    """The signal `error` stands for, or was raised while handling: an interrupt of ours, a KeyboardInterrupt,
+    or Prefect's TerminationSignal, anywhere in its chain of causes and contexts. None if no signal is in it."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, Interrupted):
+            return current.signum
+        if isinstance(current, KeyboardInterrupt):
+            return signal.SIGINT
+        if type(current).__name__ == "TerminationSignal":  # prefect.exceptions, not imported for this
+            return int(getattr(current, "signal", signal.SIGTERM))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class _OneLineOptionErrors(typer.core.TyperCommand):

@@ -141,7 +141,18 @@ def test_the_index_is_saved_reused_and_rebuilt_when_damaged(
 def test_cli_dense_index_hnsw_writes_its_recall_to_the_manifest(small_beir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, _, stderr = run_cli(
-        "mine", small_beir, "--out", out, "-q", "--engine", "local", "--no-bm25", "--dense-index", "hnsw"
+        "mine",
+        small_beir,
+        "--out",
+        out,
+        "-q",
+        "--engine",
+        "local",
+        "--no-bm25",
+        "--dense-index",
+        "hnsw",
+        "--dense-k",
+        "100",
     )
     assert code == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())

@@ -239,7 +239,7 @@ def test_batches_are_topic_clusters() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--format", "batched", "--batch-size", "1"), "error: command line: batches.size: a training batch of 1"),
+        (("--format", "batched", "--batch-size", "1"), "error: --batch-size: a training batch of 1"),
         (("--format", "batched"), "error: command line: config: format batched-triplets needs a batch size"),
         (("--batch-size", "4"), "error: command line: config: batches.size orders only the batched formats"),
         (("--format", "batched", "--batch-size", "31"), "error: --batch-size: a batch of 31 rows needs 31 distinct"),

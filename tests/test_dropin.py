@@ -331,7 +331,9 @@ def test_rows_equal_those_of_miner_mine(
 @pytest.fixture(scope="module")
 def mined_all(tiny_beir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("card") / "out"
-    code, _, stderr = run_cli("mine", tiny_beir, "--out", out, "--quiet", "--engine", "local", "--format", "all")
+    code, _, stderr = run_cli(
+        "mine", tiny_beir, "--out", out, "--quiet", "--engine", "local", "--format", "all,batched", "--batch-size", "2"
+    )
     assert code == 0, stderr
     return out
 
@@ -346,7 +348,7 @@ def test_every_exported_file_loads_from_the_folder(
     cache = str(tmp_path_factory.mktemp("datasets-cache"))
     file_name = formats.FILES[name]
     if file_name.endswith(".parquet"):
-        loaded = load_dataset(str(mined_all), card.CONFIG_NAMES[name], split="train", cache_dir=cache)
+        loaded = load_dataset(str(mined_all), name, split="train", cache_dir=cache)
     else:
         assert f"- `{file_name}`" in (mined_all / card.CARD_FILE).read_text()
         loaded = load_dataset("json", data_files=str(mined_all / file_name), split="train", cache_dir=cache)

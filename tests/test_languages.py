@@ -165,7 +165,7 @@ def test_unknown_language_is_refused_before_anything_runs(tmp_path: Path, cranfi
     out = tmp_path / "out"
     stderr = refused(
         ("mine", cranfield, "--out", out, "--language", "klingon"),
-        "error: command line: retrieval.language: unsupported language 'klingon'",
+        "error: --language: unsupported language 'klingon'",
         out,
     )
     assert "zh" in stderr and "auto" in stderr
