@@ -133,7 +133,7 @@ class ModelConfig(_Section):
 
 
 class FilterConfig(_Section):
-    # Defaults chosen with `miner audit` / bench/quality.py: see the README's "Why these defaults".
+    # Defaults chosen with `miner audit` / bench/quality.py: see docs/false-negatives.md, "Why these defaults".
     method: FilterMethod = "none"
     # topk-abs: drop candidates scoring above this ceiling.
     max_score: float = 0.95

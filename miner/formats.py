@@ -106,7 +106,7 @@ def flagembedding(negatives: pa.Table) -> pa.Table:
 
 
 def _passage(id_column: str, text_column: str) -> pl.Expr:
-    # Ingest folds a document's title into its text (README, Input), so the title field is empty: Tevatron
+    # Ingest folds a document's title into its text (docs/input-output.md, Input), so the title field is empty: Tevatron
     # joins title and text with a space, and the model sees the same passage the miner scored.
     return pl.struct(docid=pl.col(id_column), title=pl.lit(""), text=pl.col(text_column))
 

@@ -131,7 +131,7 @@ def test_one_seed_one_order_another_seed_another(mined: Path, data: Path, tmp_pa
 
 
 def test_trains_a_step_in_the_files_order(mined: Path, bundled_model_path: Path, tmp_path: Path) -> None:
-    """SentenceTransformerTrainer with MNRL sees exactly the file's batches: the README's way of loading it."""
+    """SentenceTransformerTrainer with MNRL sees exactly the file's batches, loaded as docs/input-output.md does."""
     from datasets import load_dataset
     from sentence_transformers import (
         SentenceTransformer,
