@@ -206,3 +206,9 @@ def test_dockerfile_installs_from_the_lock_and_runs_a_project_script() -> None:
 
     command = next(argument for keyword, argument in reversed(instructions) if keyword == "CMD")
     assert yaml.safe_load(command)[0] in pyproject["project"]["scripts"]
+
+
+def test_published_ports_bind_to_loopback_by_default(services: dict[str, dict[str, Any]]) -> None:
+    published = [resolve(entry) for service in services.values() for entry in service.get("ports", [])]
+    assert published
+    assert all(entry.startswith("127.0.0.1:") for entry in published), published
