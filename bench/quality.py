@@ -31,7 +31,7 @@ import itertools
 
 from miner import schema
 from miner.audit import REFERENCE_MODEL, hold_out_positives, measure
-from miner.calibrate import HARDNESS_LADDER, HeldOut, within_budget
+from miner.calibrate import HARDNESS_LADDER, HeldOutPool, within_budget
 from miner.config import MineConfig, load_config
 from miner.ingest import Ingested, ingest
 from miner.models import load_embedding_model, resolve_model
@@ -159,7 +159,7 @@ def collection_report(name: str, path: Path) -> dict:
     started = time.perf_counter()
     # Retrieval and teacher scores do not depend on which positives are given: scored once, on all of them.
     scored = score_candidates(data, config, run_directly)
-    audited = HeldOut(scored.pool, scored.teacher_scores, data.qrels, data.corpus, scored.embeddings)
+    audited = HeldOutPool(scored.pool, scored.teacher_scores, data.qrels, data.corpus, scored.embeddings)
     defaults = ours()
     sweep = {target: ours(target) for target in HARDNESS_LADDER}
     # What each signal of the evidence is worth: the default with one signal left out.
@@ -172,7 +172,7 @@ def collection_report(name: str, path: Path) -> dict:
     folds = []
     for fold in (0, 1):
         calibration, check = (
-            HeldOut(scored.pool, scored.teacher_scores, fold_of(data, half), data.corpus, scored.embeddings)
+            HeldOutPool(scored.pool, scored.teacher_scores, fold_of(data, half), data.corpus, scored.embeddings)
             for half in (fold, 1 - fold)
         )
         row = {

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from miner import schema
 from miner.atomic import write_json_atomic, write_parquet_atomic
+from miner.calibrate import split_positives
 from miner.config import SPEED_ONLY_MODEL_SETTINGS, MineConfig
 from miner.errors import InputError
 from miner.ingest import Ingested
@@ -40,24 +41,15 @@ class HeldOut:
 
 
 def hold_out_positives(data: Ingested) -> HeldOut:
-    positives = pl.from_arrow(data.qrels)
-    assert isinstance(positives, pl.DataFrame)
-    eligible = positives.group_by("query_id").len().filter(pl.col("len") >= 2)["query_id"]
-    if eligible.len() == 0:
+    given, hidden = split_positives(data.qrels)
+    if given.height == 0:
         raise InputError(
             "qrels",
             "no query has two or more judged-relevant documents, so no positive can be held out",
             "audit a dataset whose queries have several positives (or lower --min-relevance)",
         )
-    judged = positives.filter(pl.col("query_id").is_in(eligible.implode()))
-    given = (
-        judged.sort(["query_id", "relevance", "doc_id"], descending=[False, True, False])
-        .group_by("query_id", maintain_order=True)
-        .head(1)
-    )
-    hidden = judged.join(given, on=["query_id", "doc_id"], how="anti").select("query_id", "doc_id")
-    queries = data.queries.filter(pc.is_in(data.queries["query_id"], eligible.to_arrow()))
-    counts = {**data.counts, "audit_queries": eligible.len(), "audit_hidden_positives": hidden.height}
+    queries = data.queries.filter(pc.is_in(data.queries["query_id"], given["query_id"].to_arrow()))
+    counts = {**data.counts, "audit_queries": given.height, "audit_hidden_positives": hidden.height}
     return HeldOut(replace(data, queries=queries, qrels=schema.conform(given, schema.QRELS), counts=counts), hidden)
 
 

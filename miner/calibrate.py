@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.config import FilterConfig, SampleConfig
-from miner.filter import annotated_candidates, auto_expansion_depth, positive_aware_filter
+from miner.filter import annotated_candidates, auto_expansion_depth, judge
 from miner.models import Embeddings
 from miner.sample import sample_negatives
 from miner.score import positive_geometry
@@ -74,7 +74,7 @@ def wilson_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-class HeldOut:
+class HeldOutPool:
     """The run's own multi-positive queries with positives held out, ready to be mined under several settings."""
 
     def __init__(
@@ -93,15 +93,24 @@ class HeldOut:
         self.pool = schema.conform(keep.join(given.select("query_id"), on="query_id", how="semi"), schema.CANDIDATES)
         self.teacher_scores, self.corpus = teacher_scores, corpus
         self.geometry = positive_geometry(self.pool, self.given, *embeddings) if embeddings is not None else None
+        self._annotated: dict[str, pl.DataFrame] = {}
+
+    def _frame(self, config: FilterConfig) -> pl.DataFrame:
+        """The annotated pool, joined (with the corpus read for text hashes) once for every setting that differs
+        only in where the expansion cut falls: the budget tries a dozen such targets."""
+        key = config.model_dump_json(exclude={"expansion_depth", "hardness_target", "max_false_negatives"})
+        key += str(config.expansion_depth != 0)
+        if key not in self._annotated:
+            self._annotated[key] = annotated_candidates(
+                self.pool, self.teacher_scores, self.given, self.corpus, config, self.geometry
+            )
+        return self._annotated[key]
 
     def rate(self, config: FilterConfig, sample: SampleConfig) -> dict[str, Any]:
-        judged = positive_aware_filter(
-            self.pool, self.teacher_scores, self.given, self.corpus, config, self.geometry, keep=sample.num_negatives
-        )
+        judged = judge(self._frame(config), config, keep=sample.num_negatives)
         selected, _ = sample_negatives(judged, self.given, self.teacher_scores, sample)
         negatives = pl.from_arrow(selected.select(["query_id", "negative_id", "source"]))
         assert isinstance(negatives, pl.DataFrame)
-        per_query = negatives.group_by("query_id").len()
         hardness = None
         if self.geometry is not None:
             cosines = pl.from_arrow(self.geometry.select(["query_id", "doc_id", "query_cosine"]))
@@ -123,7 +132,9 @@ class HeldOut:
             "false_negatives": leaked,
             "negatives": negatives.height,
             "queries": self.queries,
-            "coverage": round(per_query.filter(pl.col("len") >= sample.num_negatives).height / self.queries, 4),
+            "coverage": round(
+                per_query_hits.filter(pl.col("negatives") >= sample.num_negatives).height / self.queries, 4
+            ),
             # Mean query cosine of the negatives under the run's embedding model.
             "hardness": round(float(hardness), 4) if hardness is not None else None,
             # Which retrievers found the negatives: bm25, dense or both.
@@ -146,7 +157,7 @@ def resolve_filter(
     choice: dict[str, Any] = {}
     held_out = None
     if multi_positive_queries(qrels) >= MIN_HELD_OUT_QUERIES:
-        held_out = HeldOut(pool, teacher_scores, qrels, corpus, embeddings)
+        held_out = HeldOutPool(pool, teacher_scores, qrels, corpus, embeddings)
     if config.max_false_negatives is not None:
         config, choice["budget"] = within_budget(held_out, config, sample)
     requested = config
@@ -159,7 +170,7 @@ def resolve_filter(
 
 
 def within_budget(
-    held_out: HeldOut | None, config: FilterConfig, sample: SampleConfig
+    held_out: HeldOutPool | None, config: FilterConfig, sample: SampleConfig
 ) -> tuple[FilterConfig, dict[str, Any]]:
     """The hardest target of HARDNESS_LADDER whose measured false-negative rate is within the budget.
 
@@ -194,7 +205,7 @@ def within_budget(
 
 
 def _estimate(
-    held_out: HeldOut | None, config: FilterConfig, sample: SampleConfig, budget: dict[str, Any] | None
+    held_out: HeldOutPool | None, config: FilterConfig, sample: SampleConfig, budget: dict[str, Any] | None
 ) -> dict[str, Any]:
     if held_out is None:
         return {

@@ -221,6 +221,12 @@ def positive_aware_filter(
     expansion rule leaves each query at least (the sampler's quota). An "auto" depth is resolved here.
     """
     frame = annotated_candidates(candidates, teacher_scores, qrels, corpus, config, geometry)
+    return judge(frame, config, keep)
+
+
+def judge(frame: pl.DataFrame, config: FilterConfig, keep: int = 1) -> pa.Table:
+    """annotated_candidates' frame -> JUDGED. Settings that only move the expansion cut (its depth, the hardness
+    target) can be judged again on one annotated frame."""
     depth = config.expansion_depth
     if depth == "auto":
         depth, _ = auto_expansion_depth(frame, config, keep)
