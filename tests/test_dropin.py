@@ -368,19 +368,8 @@ def test_labeled_pairs_train_a_cross_encoder(
     dataset: Dataset, corpus: list[str], tiny_cross_encoder: Path, tmp_path: Path
 ) -> None:
     """A labeled-pair result goes straight into CrossEncoderTrainer (a real step on the tiny cross-encoder)."""
-    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
-    from test_trainers import MAX_TOKENS, _arguments, _check_trained, _snapshot
+    from test_trainers import _train_cross_encoder
 
     pairs = _mine(dataset.select(range(20)), corpus, output_format="labeled-pair")
     assert set(pairs["label"]) == {0, 1}
-    model = CrossEncoder(str(tiny_cross_encoder), device="cpu", max_length=MAX_TOKENS)
-    before = _snapshot(model)
-    trainer = CrossEncoderTrainer(
-        model=model,
-        args=_arguments(CrossEncoderTrainingArguments, tmp_path / "trained"),
-        train_dataset=pairs,
-        loss=BinaryCrossEntropyLoss(model),
-    )
-    trainer.train()
-    _check_trained(trainer, model, before)
+    _train_cross_encoder(tiny_cross_encoder, pairs, tmp_path / "trained")

@@ -272,16 +272,21 @@ def test_sentence_transformer_distils_margins(
 def test_cross_encoder_trains_on_labeled_pairs(
     mined: Path, tiny_cross_encoder: Path, datasets_cache: str, tmp_path: Path
 ) -> None:
+    dataset = _parquet(mined / "labeled-pairs.parquet", datasets_cache).shuffle(seed=7)
+    assert set(dataset["label"]) == {0.0, 1.0}
+    _train_cross_encoder(tiny_cross_encoder, dataset, tmp_path / "trained")
+
+
+def _train_cross_encoder(model_path: Path, dataset: Any, out: Path) -> None:
+    """Real training steps of a CrossEncoder with BinaryCrossEntropyLoss on (text, text, label) rows."""
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-    dataset = _parquet(mined / "labeled-pairs.parquet", datasets_cache).shuffle(seed=7)
-    assert set(dataset["label"]) == {0.0, 1.0}
-    model = CrossEncoder(str(tiny_cross_encoder), device="cpu", max_length=MAX_TOKENS)
+    model = CrossEncoder(str(model_path), device="cpu", max_length=MAX_TOKENS)
     before = _snapshot(model)
     trainer = CrossEncoderTrainer(
         model=model,
-        args=_arguments(CrossEncoderTrainingArguments, tmp_path / "trained"),
+        args=_arguments(CrossEncoderTrainingArguments, out),
         train_dataset=dataset,
         loss=BinaryCrossEntropyLoss(model),
     )
