@@ -467,7 +467,7 @@ def _summary_html(run: Run) -> str:
 def false_negative_summary(run: Run) -> list[str]:
     """Sentences on what the false-negative filter did and the estimated false-negative rate, from the manifest."""
     filtered, manifest = run.counts("filter"), run.manifest
-    pool = sum(v for v in filtered.values() if isinstance(v, int))
+    pool = run.counts("candidates").get("pool", "?")
     choice = manifest.get("filter_choice") if isinstance(manifest.get("filter_choice"), dict) else {}
     lines = []
     removed = {rule: n for rule, n in filtered.items() if rule not in ("kept", "positive") and n}
