@@ -95,7 +95,8 @@ def reference_embeddings(scored: Scored, held_out: HeldOut, config: MineConfig) 
     reference = resolve_model(REFERENCE_MODEL)
     mined_with = scored.models["embedding"]
     whole_corpus = scored.embeddings is not None and len(scored.embeddings[1].ids) == held_out.given.corpus.num_rows
-    if whole_corpus and mined_with.fingerprint == reference.fingerprint:
+    # The ruler is float32 whatever precision mined: settings compared at two precisions share one ruler.
+    if whole_corpus and (mined_with.fingerprint, mined_with.precision) == (reference.fingerprint, reference.precision):
         assert scored.embeddings is not None
         return scored.embeddings
     return embed(held_out.given, reference, config)

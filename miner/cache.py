@@ -141,16 +141,21 @@ class EmbeddingCache:
     """Vectors by (model key, query|document, text hash). `model_names` (key -> the model as the user named it)
     goes into the entries' descriptions for `miner cache info`."""
 
-    def __init__(self, root: Path, model_names: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, model_names: dict[str, str] | None = None, precision: str = "float32") -> None:
         self.root = root
         self.model_names = model_names or {}
+        self.precision = precision
 
     def _store(self, model: str, kind: str) -> _ShardStore:
         store = _ShardStore(self.root / "embeddings" / f"{model}-{kind}", ("hashes", "vectors", "truncated"))
         if store.folder.is_dir():
             text = _TEXTS.get(kind, kind)
             note_use(
-                store.folder, kind="embeddings", model=self.model_names.get(model, ""), precision="float32", text=text
+                store.folder,
+                kind="embeddings",
+                model=self.model_names.get(model, ""),
+                precision=self.precision,
+                text=text,
             )
         return store
 
@@ -202,16 +207,17 @@ class EmbeddingCache:
 class TeacherScoreCache:
     """Cross-encoder scores by (teacher fingerprint, query text hash, passage text hash)."""
 
-    def __init__(self, root: Path, model_names: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, model_names: dict[str, str] | None = None, precision: str = "float32") -> None:
         self.root = root
         self.model_names = model_names or {}
+        self.precision = precision
 
     def _store(self, model: str) -> _ShardStore:
         store = _ShardStore(self.root / "teacher" / model, ("query_hashes", "passage_hashes", "scores"))
         if store.folder.is_dir():
             name = self.model_names.get(model, "")
             note_use(
-                store.folder, kind="teacher scores", model=name, precision="float32", text="(query, passage) pairs"
+                store.folder, kind="teacher scores", model=name, precision=self.precision, text="(query, passage) pairs"
             )
         return store
 

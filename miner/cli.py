@@ -191,6 +191,9 @@ def mine(
         ),
     ] = None,
     encode_batch_size: Annotated[int | None, _opt("encode_batch_size", "encoding batch size [64]")] = None,
+    precision: Annotated[
+        str | None, _opt("precision", "auto | float32 | bfloat16; auto is bfloat16 on CPUs with bf16 units [auto]")
+    ] = None,
     method: Annotated[str | None, _opt("method", "none | topk-abs | topk-marginpos | topk-percpos [none]")] = None,
     max_score: Annotated[float | None, _opt("max_score", "topk-abs ceiling [0.95]")] = None,
     margin: Annotated[float | None, _opt("margin", "topk-marginpos margin [0.05]")] = None,

@@ -44,6 +44,9 @@ class DenseIndexSpec:
         return self.kind
 
 
+# Weights' precision (miner/precision.py): `auto` asks the CPU.
+Precision = Literal["float32", "bfloat16"]
+RequestedPrecision = Literal["auto", "float32", "bfloat16"]
 FilterMethod = Literal["none", "topk-abs", "topk-marginpos", "topk-percpos"]
 PositiveReference = Literal["min", "mean", "max"]
 SamplingStrategy = Literal["top", "random", "simans"]
@@ -130,6 +133,12 @@ class ModelConfig(_Section):
     query_prompt_name: str | None = None
     document_prompt: str | None = None
     document_prompt_name: str | None = None
+    # Both models' weights: `auto` is bfloat16 where the CPU has bf16 units (AMX, AVX512-BF16), else float32.
+    precision: RequestedPrecision = "auto"
+    # The reduced-precision guard (miner/precision.py): below any floor the run falls back to float32.
+    guard_min_cosine: float = Field(0.99, ge=-1, le=1)
+    guard_min_overlap: float = Field(0.9, ge=0, le=1)
+    guard_min_rank_correlation: float = Field(0.98, ge=-1, le=1)
 
 
 class FilterConfig(_Section):
@@ -359,6 +368,7 @@ CLI_KEYS: dict[str, str] = {
     "encode_batch_size": "models.batch_size",
     "batch_size": "batches.size",
     "allow_untrained_head": "models.allow_untrained_head",
+    "precision": "models.precision",
     "method": "filter.method",
     "max_score": "filter.max_score",
     "margin": "filter.margin",

@@ -65,7 +65,9 @@ def encode_shard(
     """Encode one shard's texts into the cache; runs on a worker, which keeps its model between shards."""
     table = pq.read_table(shard)
     vectors, over = encode_chunk(_embedding_model(ref, threads), table["text"], kind=kind, batch_size=batch_size)
-    EmbeddingCache(Path(cache_dir)).store(model_key, kind, table["text_hash"].to_pylist(), vectors, over)
+    EmbeddingCache(Path(cache_dir), precision=ref.precision).store(
+        model_key, kind, table["text_hash"].to_pylist(), vectors, over
+    )
     return table.num_rows
 
 
@@ -73,7 +75,7 @@ def score_shard(ref: ModelRef, shard: str, batch_size: int, cache_dir: str, mode
     """Score one shard of distinct text pairs into the teacher cache."""
     chunk = pl.read_parquet(shard)
     scored = score_chunk(_cross_encoder(ref, threads), chunk, batch_size=batch_size, show_progress=False)
-    TeacherScoreCache(Path(cache_dir)).store(model_key, scored)
+    TeacherScoreCache(Path(cache_dir), precision=ref.precision).store(model_key, scored)
     return chunk.height
 
 

@@ -52,6 +52,7 @@ def build_manifest(
     teacher: str,
     resumed: list[str] | None = None,
     choice: dict[str, Any] | None = None,
+    precision: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     choice = choice or {}
     return {
@@ -61,6 +62,8 @@ def build_manifest(
         "config": config.model_dump(mode="json"),
         "teacher": teacher,
         "models": {role: asdict(ref) for role, ref in models.items()},
+        # Per model: the precision asked for and used, why, and the reduced-precision guard's figures.
+        "precision": precision or {},
         "packages": package_versions(),
         "inputs_sha256": inputs,
         "counts": counts,

@@ -40,6 +40,9 @@ class ModelRef:
     location: str  # local directory, or the hub id
     origin: str  # "bundled", "local" or "hub"
     fingerprint: str  # hash of every model file's name and bytes
+    # What the weights are cast to once loaded (miner/precision.py); part of the cache key, as it changes the
+    # vectors and scores a little.
+    precision: str = "float32"
 
 
 # How long the hub may take to say whether a model exists: without a network, the refusal comes this fast
@@ -150,8 +153,10 @@ def check_cross_encoder(ref: ModelRef) -> None:
 
 
 def model_key(ref: ModelRef) -> str:
-    """A short name for cache folders: the same weights give the same key wherever they are installed."""
-    return hashlib.blake2b(ref.fingerprint.encode(), digest_size=8).hexdigest()
+    """A short name for cache folders: the same weights at the same precision give the same key wherever they
+    are installed. Vectors of one precision are never served to a run that asked for another."""
+    signature = ref.fingerprint if ref.precision == "float32" else f"{ref.fingerprint}:{ref.precision}"
+    return hashlib.blake2b(signature.encode(), digest_size=8).hexdigest()
 
 
 def _fingerprint(folder: Path) -> str:
@@ -192,12 +197,23 @@ def _load(kind: type, ref: ModelRef, show_progress: bool) -> Any:
         transformers_logging.disable_progress_bar()
     try:
         # Every model is a local folder by now (resolve_model fetched hub ids): no network here.
-        return kind(ref.location, device="cpu", local_files_only=True)
+        model = kind(ref.location, device="cpu", local_files_only=True)
     except (OSError, ValueError) as error:
         raise _load_failure(ref, error) from None
     finally:
         if was_enabled:
             transformers_logging.enable_progress_bar()
+    return cast(model, ref.precision)
+
+
+def cast(model: M, precision: str) -> M:
+    """`model` with its weights in `precision`, in place. Casting the float32 weights gives the same numbers as
+    loading them at that precision, so one load serves the guard's float32 reference and the run."""
+    if precision != "float32":
+        import torch
+
+        model.to(getattr(torch, precision))  # type: ignore[attr-defined]
+    return model
 
 
 def load_embedding_model(ref: ModelRef, show_progress: bool = True) -> SentenceTransformer:

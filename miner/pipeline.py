@@ -7,7 +7,9 @@ stages directly. So a flow run, a library call and an audit mine the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from miner import calibrate, candidates, sample, score
+from miner import calibrate, candidates, precision, sample, score
 from miner.batches import BatchContext, check_batch_size
 from miner.cache import Bm25IndexCache, EmbeddingCache, TeacherScoreCache
 from miner.config import BATCHED_FORMATS, MineConfig
@@ -39,8 +42,10 @@ from miner.models import (
     Embeddings,
     ModelHandle,
     ModelRef,
+    cast,
     check_cross_encoder,
     embed_table,
+    encode_chunk,
     load_cross_encoder,
     load_embedding_model,
     model_key,
@@ -52,6 +57,8 @@ from miner.vectors import Allocator, in_memory, on_disk
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
 
 StageRunner = Callable[..., Any]
 
@@ -74,6 +81,8 @@ class Scored:
     models: dict[str, ModelRef]
     teacher: str
     counts: dict[str, dict[str, Any]]  # numbers, and the dense index's kind and settings
+    # Per model role: the precision asked for and used, why, and the guard's figures.
+    precision: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -144,21 +153,14 @@ def embed(
     With `vectors_dir` the vectors are `.npy` files there, memory-mapped, rather than arrays in memory.
     """
 
-    def load() -> SentenceTransformer:
-        import torch
-
-        torch.set_num_threads(threads(config))
-        return load_embedding_model(model_ref, config.show_progress)
-
     corpus = _documents(data, doc_ids)
-    folder = cache_dir(config)
     options = {
         "batch_size": config.models.batch_size,
         "show_progress": config.show_progress,
-        "cache": EmbeddingCache(folder, {model_key(model_ref): model_ref.spec}) if folder else None,
+        "cache": embedding_cache(model_ref, config),
         "model_key": model_key(model_ref),
     }
-    model = ModelHandle(load)
+    model = ModelHandle(lambda: _embedding_model(model_ref, config))
 
     def allocator(kind: str) -> Allocator:
         return on_disk(vectors_dir / f"vectors-{kind}.npy") if vectors_dir is not None else in_memory
@@ -184,6 +186,115 @@ def embed(
             **options,
         ),
     )
+
+
+# A model the precision guard loaded and cast to the precision it then passed, by the ref it now matches: the
+# stage that runs it next takes it instead of loading the same weights again. Emptied as each run's scoring ends.
+_handed_over: dict[ModelRef, Any] = {}
+
+
+def _embedding_model(ref: ModelRef, config: MineConfig, show_progress: bool | None = None) -> SentenceTransformer:
+    if ref in _handed_over:
+        return _handed_over.pop(ref)
+    import torch
+
+    torch.set_num_threads(threads(config))
+    return load_embedding_model(ref, config.show_progress if show_progress is None else show_progress)
+
+
+def embedding_cache(ref: ModelRef, config: MineConfig) -> EmbeddingCache | None:
+    folder = cache_dir(config)
+    return EmbeddingCache(folder, {model_key(ref): ref.spec}, ref.precision) if folder else None
+
+
+def guard_floor(config: MineConfig) -> precision.GuardFloor:
+    models = config.models
+    return precision.GuardFloor(models.guard_min_cosine, models.guard_min_overlap, models.guard_min_rank_correlation)
+
+
+def _uncached_sample(table: pa.Table, ref: ModelRef, kind: str, config: MineConfig) -> pa.Table:
+    """The guard's texts of `table`: those with the smallest hashes among the texts the cache lacks at `ref`'s
+    precision, so the same texts whatever order the input lists them in."""
+    hashes = table.column("text_hash")
+    cache = embedding_cache(ref, config)
+    if cache is not None:
+        _, found, _ = cache.lookup(model_key(ref), kind, hashes, allocate=None)
+        hashes = hashes.filter(pa.array(~found))
+    missing = pl.Series("text_hash", hashes, dtype=pl.String).unique().sort()
+    chosen = missing.head(precision.sample_size(len(missing))).to_arrow()
+    texts = pl.from_arrow(rows_named(table, "text_hash", chosen).select(["text_hash", "text"]))
+    assert isinstance(texts, pl.DataFrame)
+    return texts.unique("text_hash").sort("text_hash").to_arrow()
+
+
+def embedding_precision(data: Ingested, ref: ModelRef, config: MineConfig) -> tuple[ModelRef, dict[str, Any]]:
+    """The embedding model at the precision the run will use, and the record of why.
+
+    For bfloat16, a fixed sample of the texts still to encode is encoded at float32 and at bfloat16 first; the
+    run keeps bfloat16 only when the two agree (miner/precision.py). Nothing to encode: nothing to check.
+    """
+    choice = precision.choose_precision(config.models.precision)
+    record: dict[str, Any] = {"requested": choice.requested, "precision": choice.precision, "reason": choice.reason}
+    if choice.precision == "float32":
+        return ref, {**record, "guard": None}
+    reduced = dataclasses.replace(ref, precision=choice.precision)
+    queries = _uncached_sample(data.queries, reduced, "query", config)
+    documents = _uncached_sample(data.corpus, reduced, "document", config)
+    if queries.num_rows + documents.num_rows == 0:
+        return reduced, {**record, "guard": "not run: every text was in the cache at this precision"}
+    model = _embedding_model(ref, config, show_progress=False)
+    size = config.models.batch_size
+    models = config.models
+    prompts = {"query": (models.query_prompt, models.query_prompt_name)}
+    prompts["document"] = (models.document_prompt, models.document_prompt_name)
+
+    def vectors(table: pa.Table, kind: str) -> np.ndarray:
+        return encode_chunk(model, table["text"], kind=kind, batch_size=size, prompt=prompts[kind])[0]
+
+    full = vectors(queries, "query"), vectors(documents, "document")
+    cast(model, choice.precision)
+    reduced_vectors = vectors(queries, "query"), vectors(documents, "document")
+    figures = precision.vector_agreement(reduced_vectors[0], full[0], reduced_vectors[1], full[1], guard_floor(config))
+    return _guarded(ref, reduced, record, figures, "embedding model", model)
+
+
+def _guarded(
+    ref: ModelRef, reduced: ModelRef, record: dict[str, Any], figures: dict[str, Any], role: str, model: Any
+) -> tuple[ModelRef, dict[str, Any]]:
+    if figures["passed"]:
+        _handed_over[reduced] = model
+        return reduced, {**record, "guard": figures}
+    log.warning(
+        "%s at %s failed the precision guard (%s); running at float32", role, reduced.precision, figures["failed"]
+    )
+    reason = f"{record['reason']}, but the guard failed: {figures['failed']}"
+    return ref, {**record, "precision": "float32", "reason": reason, "guard": figures}
+
+
+def teacher_precision(
+    pairs: pa.Table, data: Ingested, ref: ModelRef, config: MineConfig
+) -> tuple[ModelRef, dict[str, Any]]:
+    """The cross-encoder at the precision the run will use: as `embedding_precision`, on a fixed sample of the
+    text pairs still to score, compared by the rank correlation of their scores."""
+    choice = precision.choose_precision(config.models.precision)
+    record: dict[str, Any] = {"requested": choice.requested, "precision": choice.precision, "reason": choice.reason}
+    if choice.precision == "float32":
+        return ref, {**record, "guard": None}
+    reduced = dataclasses.replace(ref, precision=choice.precision)
+    _, chunks = score.scoring_chunks(
+        score.pair_texts(pairs, data.queries, data.corpus), teacher_cache(reduced, config), model_key(reduced)
+    )
+    todo = pl.concat(chunks) if chunks else pl.DataFrame()
+    if todo.height == 0:
+        return reduced, {**record, "guard": "not run: every pair was in the cache at this precision"}
+    sample_pairs = todo.sort("query_hash", "passage_hash").head(precision.sample_size(todo.height))
+    model = _cross_encoder(ref, config, show_progress=False)
+    size = config.models.teacher_batch_size
+    full = score.score_chunk(model, sample_pairs, batch_size=size, show_progress=False)["teacher_score"].to_numpy()
+    cast(model, choice.precision)
+    lowered = score.score_chunk(model, sample_pairs, batch_size=size, show_progress=False)["teacher_score"].to_numpy()
+    figures = precision.score_agreement(lowered, full, guard_floor(config))
+    return _guarded(ref, reduced, record, figures, "cross-encoder", model)
 
 
 def dense_candidates(
@@ -230,20 +341,33 @@ def teacher_scores(
     embeddings: tuple[Embeddings, Embeddings] | None,
 ) -> pa.Table:
     if teacher_ref is not None:
-        folder = cache_dir(config)
         return score.cross_encoder_scores(
             pairs,
             data.queries,
             data.corpus,
-            ModelHandle(lambda: load_cross_encoder(teacher_ref, config.show_progress)),
+            ModelHandle(lambda: _cross_encoder(teacher_ref, config)),
             batch_size=config.models.teacher_batch_size,
             show_progress=config.show_progress,
-            cache=TeacherScoreCache(folder, {model_key(teacher_ref): teacher_ref.spec}) if folder else None,
+            cache=teacher_cache(teacher_ref, config),
             model_key=model_key(teacher_ref),
         )
     assert embeddings is not None
     queries, documents = embeddings
     return score.bi_encoder_scores(pairs, queries.ids, queries.vectors, documents.ids, documents.vectors)
+
+
+def _cross_encoder(ref: ModelRef, config: MineConfig, show_progress: bool | None = None) -> Any:
+    if ref in _handed_over:
+        return _handed_over.pop(ref)
+    import torch
+
+    torch.set_num_threads(threads(config))
+    return load_cross_encoder(ref, config.show_progress if show_progress is None else show_progress)
+
+
+def teacher_cache(ref: ModelRef, config: MineConfig) -> TeacherScoreCache | None:
+    folder = cache_dir(config)
+    return TeacherScoreCache(folder, {model_key(ref): ref.spec}, ref.precision) if folder else None
 
 
 def cache_dir(config: MineConfig) -> Path | None:
@@ -314,6 +438,11 @@ def score_candidates(
     embedding_ref, teacher_ref = resolve_models(config)
     retrieval = config.retrieval
     bm25, bm25_counts = searched(run, shards, "bm25", bm25_candidates, data, config) if retrieval.bm25 else (None, {})
+    chosen_precision = {}
+    if retrieval.dense or teacher_ref is None or config.filter.needs_geometry:
+        embedding_ref, chosen_precision["embedding"] = run(
+            "precision", embedding_precision, data, embedding_ref, config
+        )
     if shards is not None and retrieval.dense:
         distributed_embeddings(data, embedding_ref, config, shards)
     embeddings = run("embed", embed, data, embedding_ref, config, None, vectors_dir) if retrieval.dense else None
@@ -328,6 +457,10 @@ def score_candidates(
         if shards is not None:
             distributed_embeddings(data, embedding_ref, config, shards, doc_ids=doc_ids)
         embeddings = run("embed", embed, data, embedding_ref, config, doc_ids, vectors_dir)
+    if teacher_ref is not None:
+        teacher_ref, chosen_precision["teacher"] = run(
+            "teacher-precision", teacher_precision, pairs, data, teacher_ref, config
+        )
     if shards is not None and teacher_ref is not None:
         distributed_teacher_scores(pairs, data, teacher_ref, config, shards)
     scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings)
@@ -338,6 +471,7 @@ def score_candidates(
         "dense_hits": dense.num_rows if dense is not None else 0,
         **{f"source_{s}": pc.sum(pc.equal(pool["source"], s)).as_py() or 0 for s in ("bm25", "dense", "both")},
     }
+    _handed_over.clear()  # a model no stage took (the workers encoded): not kept for the process's lifetime
     return Scored(
         pool=pool,
         teacher_scores=scores,
@@ -351,6 +485,7 @@ def score_candidates(
             "bm25_index": bm25_counts,
             "dense_index": dense_index,
         },
+        precision=chosen_precision,
     )
 
 

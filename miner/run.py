@@ -100,6 +100,7 @@ def write_outputs(
         files=[*outputs, card.CARD_FILE, export.MANIFEST_FILE],
         teacher=scored.teacher,
         choice=chosen.choice,
+        precision=scored.precision,
     )
     # The card summarises the manifest, so it is built from it; the manifest still comes last.
     card.write_card(manifest, out, scratch=scratch)

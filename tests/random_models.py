@@ -27,3 +27,23 @@ def random_cross_encoder(folder: Path, tokenizer_path: Path | str, *, layers: in
     BertForSequenceClassification(config).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def minilm_cross_encoder(folder: Path, bundled_path: Path | str) -> Path:
+    """all-MiniLM-L6-v2's own encoder under a randomly initialised one-score head: a MiniLM-sized cross-encoder
+    whose scores follow what the texts say (through the pretrained encoder), spread as a real reranker's are,
+    where a random encoder's scores are all but equal."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers.utils import logging as transformers_logging
+
+    torch.manual_seed(0)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the head is missing from the checkpoint on purpose
+    try:
+        model = BertForSequenceClassification.from_pretrained(str(bundled_path), num_labels=1)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    model.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(bundled_path)).save_pretrained(str(folder))
+    return folder
