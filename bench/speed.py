@@ -85,7 +85,7 @@ def in_process(data: Path, work: Path, model_path: str) -> dict[str, Any]:
     import sentence_transformers  # noqa: F401
     from sentence_transformers import SentenceTransformer
 
-    SentenceTransformer(model_path, device="cpu")
+    SentenceTransformer(model_path, device="cpu", trust_remote_code=False)
 
     peer_s, peer_rows = clock(peer_mine, data, model_path)
     cold_s, cold = ours("cold", "cache-a")
@@ -152,7 +152,7 @@ def teacher(data: Path, work: Path, model_path: str) -> list[dict[str, Any]]:
     )
     for name, layers, hidden, queries in models:
         folder = random_cross_encoder(work / f"ce-{layers}-{hidden}", model_path, layers=layers, hidden=hidden)
-        model = CrossEncoder(str(folder), device="cpu")
+        model = CrossEncoder(str(folder), device="cpu", trust_remote_code=False)
         pairs = all_pairs
         if queries is not None:
             chosen = pl.from_arrow(all_pairs).select("query_id").unique(maintain_order=True).head(queries)
