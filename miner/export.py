@@ -24,6 +24,12 @@ def rejected_folder(out: Path, run_id: str) -> Path:
     return out.parent / f"{out.name}.rejected" / run_id
 
 
+def run_report_folder(out: Path, run_id: str) -> Path:
+    """Where a flow run writes its report: beside OUT, so OUT holds exactly the files its manifest lists, and a
+    folder per run, so the link each run published in the Prefect UI keeps showing that run."""
+    return out.parent / f"{out.name}.reports" / run_id
+
+
 def training_rows(selected: pa.Table, queries: pa.Table, corpus: pa.Table) -> pa.Table:
     """SELECTED -> NEGATIVES: the ids joined to their texts, in the sampler's order."""
     named = rows_named(corpus, "doc_id", selected["positive_id"], selected["negative_id"])

@@ -57,7 +57,7 @@ def _estimate(field: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any
     def read(manifest: dict[str, Any]) -> float:
         estimate = manifest.get("false_negatives_estimate") or {}
         if estimate.get("rate") is None:
-            why = str(estimate.get("method") or "the run made no estimate").removeprefix("none: ")
+            why = str(estimate.get("method") or "the run made no estimate").removeprefix("none: ").split(";")[0]
             raise Unavailable(f"not estimated: {why}")
         return field(estimate)
 
@@ -151,7 +151,7 @@ def metric_value(manifest: dict[str, Any], metric: str) -> float:
     """The metric's value in this manifest; `Unavailable` (with the reason) when it has none."""
     read, _ = METRICS[metric]
     value = read(manifest)
-    return round(float(value), 6)
+    return value if isinstance(value, int) else round(float(value), 6)
 
 
 def check_gates(texts: list[str], manifest: dict[str, Any]) -> list[dict[str, Any]]:
