@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pytest
-from conftest import refused, run_cli
+from conftest import read_artifacts, refused, run_cli
 
 from miner.artifacts import CHANGE_METRICS, artifact_key
 from miner.errors import GATE_FAILED_EXIT
@@ -49,15 +49,9 @@ def runs(prefect_server: str, tiny_beir: Path, small_beir: Path, tmp_path_factor
 
 def _artifacts(kind: str) -> list[Any]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import Artifact
 
-    body = {"artifacts": {"key": {"any_": [artifact_key(FLOW, kind)]}}, "sort": "CREATED_DESC", "limit": 200}
     with get_client(sync_client=True) as client:
-        # The API itself: Prefect 3.8.8's client sends the filters left out as nulls, which its server refuses,
-        # and an empty task-run filter drops the artifacts a flow (not a task) created.
-        response = client.request("POST", "/artifacts/filter", json=body)
-    response.raise_for_status()
-    return Artifact.model_validate_list(response.json())
+        return read_artifacts(client, artifact_key(FLOW, kind))
 
 
 def _run_artifacts(run_id: str) -> dict[str, Any]:
@@ -184,3 +178,23 @@ def test_a_malformed_gate_in_the_config_file_names_its_line(tiny_beir: Path, tmp
         f"error: {config}:3: require: unknown metric 'recall' in 'recall>=0.5'; metrics: coverage, documents",
         tmp_path / "out",
     )
+
+
+def test_a_scheduled_run_that_misses_a_gate_fails_with_the_same_line(
+    prefect_server: str, tiny_beir: Path, tmp_path: Path
+) -> None:
+    """The deployments' flow runs the mining flow as a subflow: its own state carries the gate's line, not
+    Prefect's count of failed subflows."""
+    from flows.mine import mine_flow_from_settings
+    from miner.config import load_config
+
+    out = tmp_path / "out"
+    config = load_config(None, {"data": tiny_beir, "out": out, "show_progress": False, "require": ["queries>5"]})
+    state = mine_flow_from_settings(config.model_dump(mode="json"), return_state=True)
+    assert state.is_failed()
+    (rejected,) = (tmp_path / "out.rejected").iterdir()
+    assert state.message == (
+        f"quality gate failed: queries is 5, not > 5; this run's outputs are kept aside in {rejected}, and {out} "
+        "still holds the last published run"
+    )
+    assert not out.exists()
