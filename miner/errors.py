@@ -51,6 +51,10 @@ class GateFailed(Exception):
         self.manifest = manifest
         super().__init__(str(self))
 
+    def __reduce__(self) -> tuple[type[GateFailed], tuple[list[str], Path, Path, dict[str, Any]]]:
+        # Prefect may persist a failed flow run's exception: it must come back whole from pickle.
+        return GateFailed, (self.reasons, self.kept_aside, self.out, self.manifest)
+
     def __str__(self) -> str:
         return (
             f"{GATE_FAILED}: {'; '.join(self.reasons)}; this run's outputs are kept aside in {self.kept_aside}, and "
