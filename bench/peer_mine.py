@@ -46,7 +46,7 @@ def peer_mine(folder: Path, model_path: str):
     from sentence_transformers.util import mine_hard_negatives
 
     anchors, positives, corpus = beir_pairs(folder)
-    model = SentenceTransformer(model_path, device="cpu")
+    model = SentenceTransformer(model_path, device="cpu", trust_remote_code=False)
     dataset = Dataset.from_dict({"anchor": anchors, "positive": positives})
     return mine_hard_negatives(dataset, model, corpus=corpus, verbose=False, **PEER_SETTINGS)
 

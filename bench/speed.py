@@ -110,7 +110,7 @@ def in_process(data: Path, work: Path, model_path: str, rounds: int) -> dict[str
     # Imports and the first model load of the process are paid by neither side.
     from sentence_transformers import SentenceTransformer
 
-    SentenceTransformer(model_path, device="cpu")
+    SentenceTransformer(model_path, device="cpu", trust_remote_code=False)
     times: dict[str, list[float]] = {"peer": [], **{p: [] for p in PRECISIONS}, "warm": []}
     manifests: dict[str, dict] = {}
     for round_number in range(rounds):
@@ -193,7 +193,7 @@ def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
         .join(pl.from_arrow(given.queries.select(["query_id", "text"])).rename({"text": "q"}), on="query_id")
         .join(pl.from_arrow(given.corpus.select(["doc_id", "text"])).rename({"text": "d"}), on="doc_id")
     )
-    loop_model = CrossEncoder(str(folder), device="cpu")
+    loop_model = CrossEncoder(str(folder), device="cpu", trust_remote_code=False)
 
     def per_query_loop() -> int:
         scored = 0

@@ -5,14 +5,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
+from miner.artifacts import artifact_key, change_markdown, published_manifest, report_link, summary_rows
 from miner.config import MineConfig
 from miner.distributed import ShardRunner
-from miner.errors import disk_full_as_input_error
+from miner.errors import GateFailed, disk_full_as_input_error
+from miner.export import run_report_folder
+from miner.report import write_report
 from miner.run import mine
 
 
@@ -46,10 +52,47 @@ def prefect_shards() -> ShardRunner:
 
 
 @flow(name="mine-hard-negatives", validate_parameters=False)
-def mine_flow(config: MineConfig) -> dict[str, Any]:
-    """ingest -> BM25 + dense candidates -> teacher scores -> positive-aware filter -> sample -> export."""
+def mine_flow(config: MineConfig) -> Any:
+    """ingest -> BM25 + dense candidates -> teacher scores -> positive-aware filter -> sample -> export.
+
+    Then the run's report and its artifacts. A run that missed a quality gate ends Failed, with the reason as
+    the state's message (its outputs kept aside by `mine`).
+    """
+    previous = published_manifest(config.out)  # read before this run replaces it
     shards = prefect_shards() if config.dask else None
-    return mine(config, run=prefect_stages(), shards=shards, logger=get_run_logger())
+    try:
+        manifest = mine(config, run=prefect_stages(), shards=shards, logger=get_run_logger())
+    except GateFailed as failed:
+        publish_artifacts(failed.manifest, previous)
+        return Failed(message=str(failed), data=failed)
+    publish_artifacts(manifest, previous)
+    return manifest
+
+
+def publish_artifacts(manifest: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    """The summary table, the report link and the change against the previous run, under keys of the
+    deployment's name (the flow's outside a deployment), so the UI lists them run after run."""
+    from prefect import runtime
+
+    name = runtime.deployment.name or runtime.flow_run.flow_name
+    out = Path(manifest["config"]["out"])
+    report = write_report(Path(manifest["written_to"]), run_report_folder(out, manifest["run_id"]))
+    create_table_artifact(
+        summary_rows(manifest),
+        key=artifact_key(name, "summary"),
+        description=f"Run {manifest['run_id']}: counts, coverage, scores, false-negative estimate, gates",
+    )
+    create_link_artifact(
+        report_link(report),
+        link_text=f"report of run {manifest['run_id']}",
+        key=artifact_key(name, "report"),
+        description=str(report),
+    )
+    create_markdown_artifact(
+        change_markdown(manifest, previous),
+        key=artifact_key(name, "change"),
+        description="change against the previous run published to the same output folder",
+    )
 
 
 def _server_deaf_to_ctrl_c() -> Any:
@@ -114,6 +157,12 @@ def run_mine_flow(config: MineConfig) -> dict[str, Any]:
 
 
 @flow(name="scheduled-mining")
-def mine_flow_from_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of `miner schedule` deployments: their parameters are JSON, so the config arrives as a dict."""
-    return mine_flow(MineConfig.model_validate(settings))
+def mine_flow_from_settings(settings: dict[str, Any]) -> Any:
+    """Entry point of `miner schedule` deployments: their parameters are JSON, so the config arrives as a dict.
+
+    A mining run that missed a gate fails this run too, with the same one-line message (not Prefect's summary
+    of a failed subflow)."""
+    state = mine_flow(MineConfig.model_validate(settings), return_state=True)
+    if state.is_failed():
+        return Failed(message=state.message)
+    return state.result()

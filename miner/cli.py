@@ -20,7 +20,7 @@ import typer.core
 from typer._click.exceptions import NoSuchOption
 
 from miner.config import CLI_KEYS, MineConfig, load_config, parse_setting, setting_range
-from miner.errors import InputError, Interrupted, disk_full_as_input_error
+from miner.errors import GATE_FAILED, GATE_FAILED_EXIT, GateFailed, InputError, Interrupted, disk_full_as_input_error
 
 P = ParamSpec("P")
 
@@ -78,6 +78,9 @@ def _user_errors(command: Callable[P, None]) -> Callable[P, None]:
         except InputError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
+        except GateFailed as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(GATE_FAILED_EXIT) from None
         except BaseException as error:
             # Code that was running when the signal came may have turned it into an error of its own (torch
             # reports one as `RuntimeError: Invalid (backend, op) pair`; Prefect, catching SIGTERM itself, may
@@ -190,6 +193,14 @@ def mine(
             "--allow-untrained-head",
         ),
     ] = None,
+    trust_remote_code: Annotated[
+        bool | None,
+        _opt(
+            "trust_remote_code",
+            "load models whose folder holds code of its own (config.json auto_map); refused without it",
+            "--trust-remote-code",
+        ),
+    ] = None,
     encode_batch_size: Annotated[int | None, _opt("encode_batch_size", "encoding batch size [64]")] = None,
     precision: Annotated[
         str | None, _opt("precision", "auto | float32 | bfloat16; auto is bfloat16 on CPUs with bf16 units [auto]")
@@ -248,6 +259,17 @@ def mine(
         typer.Option(
             "--batch-size",
             help="rows per training batch of the batched formats (--format batched): conflict-free, topic-clustered",
+            rich_help_panel="Output",
+            show_default=False,
+        ),
+    ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require",
+            help="quality gate, repeatable: METRIC OP NUMBER such as coverage>=0.95 or false_negative_rate<=0.05; "
+            f"a run that misses one is kept aside in OUT.rejected/RUN_ID, not written over OUT, and exits with "
+            f"{GATE_FAILED_EXIT} (metrics: docs/settings.md)",
             rich_help_panel="Output",
             show_default=False,
         ),
@@ -574,6 +596,8 @@ class _DropUserErrors(logging.Filter):
         if _received or _about_an_interrupt(record):
             return False  # the flow and its tasks crash on the way out of an interrupted run: said once, by us
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, GateFailed) or GATE_FAILED in record.getMessage():
+            return False  # the CLI says it once, in its last line
         return not isinstance(error, InputError) and "InputError" not in record.getMessage()
 
 

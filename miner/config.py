@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from miner.errors import InputError
+from miner.gates import GateError, parse_gate
 from miner.language import AUTO, LANGUAGES, supported
 
 
@@ -113,7 +114,7 @@ class RetrievalConfig(_Section):
 
 
 # Model settings that change speed, memory or what a run accepts, never which rows it produces.
-SPEED_ONLY_MODEL_SETTINGS = frozenset({"batch_size", "teacher_batch_size", "allow_untrained_head"})
+SPEED_ONLY_MODEL_SETTINGS = frozenset({"batch_size", "teacher_batch_size", "allow_untrained_head", "trust_remote_code"})
 
 
 class ModelConfig(_Section):
@@ -127,6 +128,9 @@ class ModelConfig(_Section):
     # A cross-encoder whose classification head would be initialised at random scores noise: refused unless
     # asked for (tests score with such a model on purpose).
     allow_untrained_head: bool = False
+    # A model folder with code of its own (config.json's auto_map) runs that code when it loads: refused unless
+    # the user says they trust it.
+    trust_remote_code: bool = False
     # Instruction prompts for the embedding model (e5, bge, ...): a prompt text wins over a prompt name (a key of
     # the model's `prompts`); with neither, the model's own "query"/"document" prompt applies, if it has one.
     query_prompt: str | None = None
@@ -262,6 +266,8 @@ class MineConfig(_Section):
     batches: BatchConfig = BatchConfig()
     # Which training files to write. Changes no row, only which files the rows go to.
     formats: list[ExportFormat] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+    # Quality gates ("coverage>=0.95", miner/gates.py): a run that misses one is not published over OUT.
+    require: list[str] = Field(default_factory=list)
 
     @field_validator("data", "out", "corpus", "queries", "cache_dir")
     @classmethod
@@ -273,6 +279,17 @@ class MineConfig(_Section):
     @classmethod
     def _known_formats(cls, value: Any) -> Any:
         return normalise_formats(value)
+
+    @field_validator("require", mode="before")
+    @classmethod
+    def _one_gate_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("require")
+    @classmethod
+    def _gates_parse(cls, gates: list[str]) -> list[str]:
+        # Parsed here, so a malformed gate is refused before any work; written one way (`coverage>=0.95`).
+        return [str(parse_gate(gate)) for gate in gates]
 
     @property
     def dask(self) -> bool:
@@ -369,6 +386,7 @@ CLI_KEYS: dict[str, str] = {
     "batch_size": "batches.size",
     "allow_untrained_head": "models.allow_untrained_head",
     "precision": "models.precision",
+    "trust_remote_code": "models.trust_remote_code",
     "method": "filter.method",
     "max_score": "filter.max_score",
     "margin": "filter.margin",
@@ -392,6 +410,7 @@ CLI_KEYS: dict[str, str] = {
     "simans_a": "sample.simans_a",
     "simans_b": "sample.simans_b",
     "formats": "formats",
+    "require": "require",
 }
 
 
@@ -530,6 +549,9 @@ def _refusal(error: ValidationError, config_file: Path | None, given: set[str]) 
         message, fix = "unknown setting", _unknown_key_fix(loc)
     elif first["type"] == "missing":
         message = "required setting is missing"
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, GateError):
+        fix = cause.fix
     if from_file:
         assert config_file is not None
         line = _line_of_key(config_file, loc) if loc else None

@@ -6,7 +6,7 @@ import errno
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 
 class InputError(Exception):
@@ -31,6 +31,35 @@ class InputError(Exception):
         elif self.row is not None:
             location += f": row {self.row}"
         return f"{location}: {self.problem}; {self.fix}"
+
+
+# What a run that missed a quality gate exits with: not 2 (a user mistake), not 128 + n (a signal).
+GATE_FAILED_EXIT = 3
+GATE_FAILED = "quality gate failed"
+
+
+class GateFailed(Exception):
+    """A finished run that missed a quality gate: its outputs were kept aside, not published over OUT.
+
+    `str()` is the one line the CLI prints and a Prefect flow run's state message.
+    """
+
+    def __init__(self, reasons: list[str], kept_aside: Path, out: Path, manifest: dict[str, Any]) -> None:
+        self.reasons = reasons
+        self.kept_aside = kept_aside
+        self.out = out
+        self.manifest = manifest
+        super().__init__(str(self))
+
+    def __reduce__(self) -> tuple[type[GateFailed], tuple[list[str], Path, Path, dict[str, Any]]]:
+        # Prefect may persist a failed flow run's exception: it must come back whole from pickle.
+        return GateFailed, (self.reasons, self.kept_aside, self.out, self.manifest)
+
+    def __str__(self) -> str:
+        return (
+            f"{GATE_FAILED}: {'; '.join(self.reasons)}; this run's outputs are kept aside in {self.kept_aside}, and "
+            f"{self.out} still holds the last published run"
+        )
 
 
 class Interrupted(BaseException):

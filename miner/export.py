@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 import pyarrow as pa
 
@@ -14,6 +16,18 @@ NTUPLES_FILE = "ntuples.parquet"
 MANIFEST_FILE = "manifest.json"
 # `miner report`'s default folder inside OUT: drawn from one run's manifest, so removed when the run is replaced.
 REPORT_DIR = "report"
+
+
+def rejected_folder(out: Path, run_id: str) -> Path:
+    """Where a run that missed a quality gate writes instead of OUT: beside it, so OUT (the last good run, which
+    trainers read) is never touched, and a folder per run, so a rejected run never overwrites another."""
+    return out.parent / f"{out.name}.rejected" / run_id
+
+
+def run_report_folder(out: Path, run_id: str) -> Path:
+    """Where a flow run writes its report: beside OUT, so OUT holds exactly the files its manifest lists, and a
+    folder per run, so the link each run published in the Prefect UI keeps showing that run."""
+    return out.parent / f"{out.name}.reports" / run_id
 
 
 def training_rows(selected: pa.Table, queries: pa.Table, corpus: pa.Table) -> pa.Table:

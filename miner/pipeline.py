@@ -414,10 +414,11 @@ def searched(run: StageRunner, shards: ShardRunner | None, name: str, stage: Cal
 def resolve_models(config: MineConfig) -> tuple[ModelRef, ModelRef | None]:
     """(embedding model, cross-encoder or None), each found on disk (a hub id fetched) and the cross-encoder
     checked to be one: entry points call this before any stage, so a wrong model costs nothing."""
-    embedding = resolve_model(config.models.embedding_model)
+    trust = config.models.trust_remote_code
+    embedding = resolve_model(config.models.embedding_model, trust_remote_code=trust)
     if config.models.cross_encoder is None:
         return embedding, None
-    teacher = resolve_model(config.models.cross_encoder, role="cross-encoder")
+    teacher = resolve_model(config.models.cross_encoder, role="cross-encoder", trust_remote_code=trust)
     if not config.models.allow_untrained_head:
         check_cross_encoder(teacher)
     return embedding, teacher
@@ -552,7 +553,8 @@ def batch_context(
         [*negatives["positive_id"].chunks, *negatives["negative_id"].chunks, *data.qrels["doc_id"].chunks]
     )
     if embeddings is None:
-        embeddings = embed(data, resolve_model(config.models.embedding_model), config, pc.unique(named))
+        embedding_ref = resolve_model(config.models.embedding_model, trust_remote_code=config.models.trust_remote_code)
+        embeddings = embed(data, embedding_ref, config, pc.unique(named))
     queries, documents = embeddings
     return BatchContext(
         size=config.batches.size,

@@ -47,6 +47,7 @@ RUNTIME_ONLY = {
     "workers",
     "formats",
     "batches",  # orders the batched files' rows at export, which is never checkpointed
+    "require",  # quality gates decide where the files go, not what is in them
 }
 
 

@@ -11,13 +11,15 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from miner import card, export, formats
 from miner.atomic import write_json_atomic
 from miner.config import MineConfig
 from miner.distributed import ShardRunner
-from miner.errors import disk_full_as_input_error
+from miner.errors import GateFailed, disk_full_as_input_error
+from miner.gates import check_gates, failed_reasons
 from miner.guards import check_resources
 from miner.ingest import Ingested, ingest
 from miner.lock import output_lock
@@ -71,21 +73,18 @@ def write_outputs(
     timings: dict[str, float],
     resumed: list[str],
 ) -> dict[str, Any]:
-    """Write the training files, then the manifest last: a folder with a manifest is complete."""
+    """Write the training files, then the manifest last: a folder with a manifest is complete.
+
+    The quality gates are checked on the manifest before anything is written: a run that misses one is written
+    to its kept-aside folder (`export.rejected_folder`) instead of OUT, which keeps the last good run untouched.
+    """
     out = config.out
     scratch = work_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Without its manifest the folder reads as unfinished while its files are replaced one by one.
-    (out / export.MANIFEST_FILE).unlink(missing_ok=True)
-    # A report drawn from the run being replaced would show its numbers beside this run's files.
-    shutil.rmtree(out / export.REPORT_DIR, ignore_errors=True)
     negatives = export.training_rows(chosen.selected, data.queries, data.corpus)
     batching = batch_context(negatives, data, scored.embeddings, config)
     outputs, export_counts, batch_counts = formats.build_exports(
         negatives, config.formats, config.sample.num_negatives, batching
     )
-    formats.remove_unchosen(out, config.formats)
-    formats.write_exports(outputs, out, scratch=scratch)
     counts = {"ingest": data.counts, **scored.counts, **chosen.counts, "export": export_counts}
     if batch_counts:
         counts["batches"] = batch_counts
@@ -102,9 +101,23 @@ def write_outputs(
         choice=chosen.choice,
         precision=scored.precision,
     )
+    manifest["gates"] = check_gates(config.require, manifest)
+    if failed_reasons(manifest["gates"]):
+        destination = export.rejected_folder(out, manifest["run_id"])
+        destination.mkdir(parents=True, exist_ok=True)
+    else:
+        destination = out
+        out.mkdir(parents=True, exist_ok=True)
+        # Without its manifest the folder reads as unfinished while its files are replaced one by one.
+        (out / export.MANIFEST_FILE).unlink(missing_ok=True)
+        # A report drawn from the run being replaced would show its numbers beside this run's files.
+        shutil.rmtree(out / export.REPORT_DIR, ignore_errors=True)
+        formats.remove_unchosen(out, config.formats)
+    manifest["written_to"] = str(destination)
+    formats.write_exports(outputs, destination, scratch=scratch)
     # The card summarises the manifest, so it is built from it; the manifest still comes last.
-    card.write_card(manifest, out, scratch=scratch)
-    write_json_atomic(manifest, out / export.MANIFEST_FILE, scratch=scratch)
+    card.write_card(manifest, destination, scratch=scratch)
+    write_json_atomic(manifest, destination / export.MANIFEST_FILE, scratch=scratch)
     return manifest
 
 
@@ -116,7 +129,8 @@ def mine(
 ) -> dict[str, Any]:
     """ingest -> BM25 + dense candidates -> teacher scores -> positive-aware filter -> sample -> export.
 
-    Returns the manifest it wrote. `run` decides how each stage runs (directly, or as a Prefect task);
+    Returns the manifest it wrote; raises `GateFailed` (the outputs written aside) when the run missed a
+    quality gate. `run` decides how each stage runs (directly, or as a Prefect task);
     `shards`, when given, runs the sharded stages (encoding, cross-encoder scoring) on workers.
     """
     timings: dict[str, float] = {}
@@ -136,6 +150,9 @@ def mine(
         chosen = select_negatives(scored, data, config, stage)
         manifest = stage("export", write_outputs, data, scored, chosen, config, timings, resumed)
         store.finish()
+    failed = failed_reasons(manifest["gates"])
+    if failed:
+        raise GateFailed(failed, Path(manifest["written_to"]), config.out, manifest)
     sample_counts = chosen.counts["sample"]
     logger.info(
         "wrote %s: %s negatives for %s (query, positive) pairs",

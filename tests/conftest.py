@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -71,6 +72,18 @@ def miner_process(*args: str | Path, cwd: Path, **env_updates: str) -> subproces
         env=env,
         timeout=600,
     )
+
+
+def read_artifacts(client: Any, key: str) -> list[Any]:
+    """Every version of the Prefect artifact `key`, newest first, through `client` (a sync Prefect client)."""
+    from prefect.client.schemas.objects import Artifact
+
+    body = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 200}
+    # The API itself: Prefect 3.8.8's client sends the filters left out as nulls, which its server refuses, and
+    # an empty task-run filter drops the artifacts a flow (not a task) created.
+    response = client.request("POST", "/artifacts/filter", json=body)
+    response.raise_for_status()
+    return Artifact.model_validate_list(response.json())
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

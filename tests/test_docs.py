@@ -40,12 +40,13 @@ FORMAT_ERROR = ("docs/input-output.md", "$ miner mine data/cranfield --out /tmp/
 EXPORT_ALL = ("docs/input-output.md", "miner mine data/cranfield --out runs/cranfield --format all")
 BATCHED = ("docs/input-output.md", "miner mine data/cranfield --out runs/cranfield --format batched --batch-size 32")
 LANGUAGE_ERROR = ("docs/settings.md", "$ miner mine data/cranfield --out runs/x --language klingon")
+GATE_ERROR = ("docs/scheduling.md", '$ miner mine data/cranfield --out runs/x --require "coverge>=0.95"')
 CACHE = ("docs/caching.md", "$ miner mine data/tiny --out runs/tiny -q --cache-dir /tmp/cache")
 LIBRARY = ("docs/scale.md", "from miner.config import load_config")
 
 RUN = [
     DROPIN_README, DROPIN_DOCS, REPORT_README, REPORT_DOCS, PAIRS, LOAD_TRIPLETS, FORMAT_ERROR, EXPORT_ALL,
-    BATCHED, LANGUAGE_ERROR, CACHE, LIBRARY,
+    BATCHED, LANGUAGE_ERROR, GATE_ERROR, CACHE, LIBRARY,
 ]  # fmt: skip
 EXEMPT = {
     INSTALL_AND_MINE: "creates a venv and installs (about 3 min, 2.7 GB); its `miner mine` runs as EXPORT_ALL does",
@@ -182,7 +183,7 @@ def test_pairs_table_block(mined: Path, scratch: Path) -> None:
     assert pq.read_metadata(scratch / "runs" / "mine" / "negatives.parquet").num_rows > 0
 
 
-@pytest.mark.parametrize("key", [FORMAT_ERROR, LANGUAGE_ERROR], ids=["format", "language"])
+@pytest.mark.parametrize("key", [FORMAT_ERROR, LANGUAGE_ERROR, GATE_ERROR], ids=["format", "language", "gate"])
 def test_console_refusal_blocks(key: tuple[str, ...], scratch: Path) -> None:
     """The command prints exactly the error the page shows, exits 2 and writes nothing."""
     command, *shown = block(key).splitlines()

@@ -182,3 +182,50 @@ def test_a_model_sentence_transformers_saved_as_a_cross_encoder_passes_whatever_
     # A causal-LM reranker, say: no ...ForSequenceClassification, but saved by sentence-transformers as a CrossEncoder.
     (folder / "config_sentence_transformers.json").write_text(json.dumps({"model_type": "CrossEncoder"}))
     check_cross_encoder(resolve_model(str(folder)))
+
+
+@pytest.fixture(scope="module")
+def custom_code_cross_encoder(tmp_path_factory: pytest.TempPathFactory, bundled_model_path: Path) -> Path:
+    """A real tiny cross-encoder whose config.json maps AutoModelForSequenceClassification to a class in a module
+    of its own folder, as hub models with custom code do: loading it runs that module."""
+    import json
+
+    from random_models import random_cross_encoder
+
+    folder = random_cross_encoder(tmp_path_factory.mktemp("custom-code-model"), bundled_model_path)
+    (folder / "modeling_marked.py").write_text(
+        "from transformers import BertForSequenceClassification\n\n\n"
+        "class MarkedBert(BertForSequenceClassification):\n"
+        "    pass\n",
+        encoding="utf-8",
+    )
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_marked.MarkedBert"}
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("flag", ["--cross-encoder", "--model"])
+def test_a_model_folder_with_its_own_code_is_refused_without_trust_remote_code(
+    flag: str, tiny_beir: Path, tmp_path: Path, custom_code_cross_encoder: Path
+) -> None:
+    line = _refused_in_process(tiny_beir, tmp_path, flag, str(custom_code_cross_encoder))
+    assert line.startswith(f"error: {custom_code_cross_encoder}: the model folder carries its own code "), line
+    assert "config.json auto_map -> modeling_marked.MarkedBert" in line, line
+    assert "pass --trust-remote-code if you trust it" in line, line
+
+
+def test_trust_remote_code_loads_the_folders_own_class(
+    tiny_beir: Path, tmp_path: Path, custom_code_cross_encoder: Path
+) -> None:
+    from miner.models import load_cross_encoder
+
+    settings = {"data": tiny_beir, "out": tmp_path / "out", "models.cross_encoder": str(custom_code_cross_encoder)}
+    with pytest.raises(InputError, match="--trust-remote-code"):
+        resolve_models(load_config(None, settings))
+    _, teacher = resolve_models(load_config(None, {**settings, "models.trust_remote_code": True}))
+    assert teacher is not None and teacher.trust_remote_code
+    model = load_cross_encoder(teacher, show_progress=False)
+    # The class from the folder's own module, which only a load with trust_remote_code=True uses.
+    assert type(model.model).__name__ == "MarkedBert"
+    assert model.predict([("lift", "lift on a swept wing")]).shape == (1,)

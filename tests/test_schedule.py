@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import run_cli
+from conftest import read_artifacts, run_cli
 
 POOL = "hardneg-miner"
 FLOW = "scheduled-mining"
@@ -202,6 +202,9 @@ def test_schedule_registers_plans_and_a_worker_runs_it(server: str, tiny_beir: P
             time.sleep(1)
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert state is not None and state.type == StateType.COMPLETED, f"{state}\n{log[-3000:]}"
+        with _client(server) as client:
+            # Keyed by the deployment's name, though the mining flow is a subflow of the deployment's flow.
+            (summary,) = read_artifacts(client, "nightly-summary")
     finally:
         _stop(worker, first=signal.SIGINT)  # a process worker shuts down cleanly on SIGINT
         worker_log.close()
@@ -210,6 +213,7 @@ def test_schedule_registers_plans_and_a_worker_runs_it(server: str, tiny_beir: P
     assert manifest["counts"]["sample"]["negatives"] > 0
     assert manifest["config"]["data"] == str(tiny_beir.resolve())
     assert manifest["config"]["sample"]["num_negatives"] == 3
+    assert json.loads(summary.data)[0]["value"] == manifest["run_id"]
 
 
 def test_pause_resume_delete(server: str, tiny_beir: Path, tmp_path: Path) -> None:
