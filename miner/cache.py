@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -31,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from miner.atomic import atomic_write
+from miner.atomic import atomic_write, write_parquet_atomic
 from miner.errors import InputError
 from miner.tables import file_sha256
 from miner.vectors import Allocator, in_memory, write_rows
@@ -253,6 +254,9 @@ class TeacherScoreCache:
 
 DOCS_FILE = "docs.parquet"  # the (doc_id, text_hash) rows an index holds
 CHECKSUMS_FILE = "checksums.json"  # per index file; written last, so an entry without it is unfinished
+# A search's hits sit beside the index they came from (`<entry><HITS_INFIX><search key>.parquet`), listed and
+# removed with it.
+HITS_INFIX = ".hits-"
 
 
 class Bm25IndexCache:
@@ -317,6 +321,42 @@ class Bm25IndexCache:
             return self._used(self._publish(scratch, key, docs)), new_docs.num_rows
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def remembered(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A small JSON answer about a corpus (its language, say) kept beside the indexes: computed once."""
+        path = self.root / f"{name}.json"
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(document, dict):
+                return document
+        except (OSError, ValueError):
+            pass
+        document = compute()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as temporary:
+                temporary.write_text(json.dumps(document), encoding="utf-8")
+        except OSError as error:
+            log.debug("could not keep %s: %s", path, error)
+        return document
+
+    @staticmethod
+    def _hits_file(entry: Path, queries: pa.Table, settings: dict[str, object]) -> Path:
+        digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16)
+        for column in ("query_id", "text_hash"):
+            digest.update("\n".join(map(str, queries.column(column).to_pylist())).encode())
+        return entry.with_name(f"{entry.name}{HITS_INFIX}{digest.hexdigest()}.parquet")
+
+    def hits(self, entry: Path, queries: pa.Table, settings: dict[str, object]) -> pa.Table | None:
+        """What a search of `entry` for `queries` with `settings` returned before, or None: a warm run with other
+        filter settings then never starts the JVM."""
+        try:
+            return pq.read_table(self._hits_file(entry, queries, settings))
+        except (OSError, pa.ArrowInvalid):
+            return None
+
+    def keep_hits(self, entry: Path, queries: pa.Table, settings: dict[str, object], hits: pa.Table) -> None:
+        write_parquet_atomic(hits, self._hits_file(entry, queries, settings), scratch=self.root)
 
     def _base_for(self, key: str, docs: pa.Table) -> tuple[Path, pa.Table] | None:
         """The largest cached index (same settings) whose documents are all in `docs`, and the ones it lacks."""
@@ -445,7 +485,7 @@ def entries(root: Path) -> list[Entry]:
             documents = pq.read_metadata(folder / DOCS_FILE).num_rows
         except OSError:
             documents = 0
-        files = list(folder.iterdir())
+        files = [*folder.iterdir(), *sorted(bm25.glob(f"{folder.name}{HITS_INFIX}*.parquet"))]
         found.append(_described(folder, "BM25 index", documents, "documents", files, model="Lucene BM25"))
     for index in sorted(dense.glob("*.faiss")) if dense.is_dir() else []:
         files = [index, index.with_name(index.name + ".json")]

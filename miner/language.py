@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -202,13 +202,16 @@ def mismatch_warning(configured: str, detection: Detection) -> str | None:
     )
 
 
-def choose_language(configured: str, corpus: pa.Table) -> tuple[str, dict[str, str]]:
+def choose_language(
+    configured: str, corpus: pa.Table, detect: Callable[[Sequence[str]], Detection] = detect_language
+) -> tuple[str, dict[str, str]]:
     """(language BM25 analyses with, what the manifest records) for `configured` (a code or `auto`).
 
     `auto` takes the sample's language and says so; a code is kept, with one warning line when the sample
-    clearly looks like another language. A sample in no supported language leaves `auto` on English.
+    clearly looks like another language. A sample in no supported language leaves `auto` on English. `detect`
+    may answer from a cache: detection starts the JVM, which a warm run otherwise never needs.
     """
-    detection = detect_language(sample_texts(corpus))
+    detection = detect(sample_texts(corpus))
     if configured == AUTO:
         language = detection.language or "en"
         if detection.language is None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from miner.distributed import (
 from miner.errors import InputError
 from miner.filter import filter_counts, positive_aware_filter
 from miner.ingest import Ingested
-from miner.language import choose_language
+from miner.language import Detection, choose_language, detect_language
 from miner.models import (
     Embeddings,
     ModelHandle,
@@ -101,7 +102,7 @@ def bm25_candidates(
 
     With `shards`, the query shards are searched on the workers, over the index in the shared cache folder.
     """
-    language, analysis = choose_language(config.retrieval.language, data.corpus)
+    language, analysis = choose_language(config.retrieval.language, data.corpus, _detector(config))
     retrieval = config.retrieval
     settings = {"k": bm25_depth(config), "k1": retrieval.bm25_k1, "b": retrieval.bm25_b, "language": language}
     if shards is None:
@@ -118,11 +119,29 @@ def bm25_candidates(
             counts = {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
             return search(index_dir), {**counts, **analysis}
     index_settings = candidates.bm25_index_settings(language)
-    entry, indexed = Bm25IndexCache(folder, corpus=str(config.corpus or config.data)).index(
-        index_settings, data.corpus, build
-    )
+    index_cache = Bm25IndexCache(folder, corpus=str(config.corpus or config.data))
+    entry, indexed = index_cache.index(index_settings, data.corpus, build)
     counts = {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
-    return search(entry), {**counts, **analysis}
+    hits = index_cache.hits(entry, data.queries, settings)
+    if hits is None:
+        hits = search(entry)
+        index_cache.keep_hits(entry, data.queries, settings, hits)
+    return hits, {**counts, **analysis}
+
+
+def _detector(config: MineConfig) -> Callable[[Sequence[str]], Detection]:
+    """`detect_language`, answered from the cache when the same sample was detected before."""
+    folder = cache_dir(config)
+    if folder is None:
+        return detect_language
+
+    def detect(texts: Sequence[str]) -> Detection:
+        signature = "\n".join([candidates.bm25_index_settings("en"), *texts]).encode()
+        key = hashlib.blake2b(signature, digest_size=16).hexdigest()
+        found = Bm25IndexCache(folder).remembered(f"language-{key}", lambda: dataclasses.asdict(detect_language(texts)))
+        return Detection(**found)
+
+    return detect
 
 
 def bm25_depth(config: MineConfig) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,18 @@ class PrecisionChoice:
 
 
 def cpu_capabilities() -> dict[str, Any]:
+    """The CPU's name and bf16 flags: from /proc/cpuinfo where there is one (reading it costs nothing, while
+    importing torch costs a second a warm run otherwise never pays), else from torch's own check."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    fields = dict(
+        (key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in text.splitlines()) if value
+    )
+    if "flags" in fields:
+        flags = set(fields["flags"].split())
+        return {"cpu_name": fields.get("model name", ""), **{unit: unit in flags for unit in BF16_UNITS}}
     import torch
 
     return dict(torch.cpu.get_capabilities())

@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -95,6 +99,20 @@ def test_a_rerun_with_other_filter_settings_encodes_nothing(small_beir: Path, tm
     assert after["documents_encoded"] == 0 and after["queries_encoded"] == 0
     bm25 = [json.loads((tmp_path / n / "manifest.json").read_text())["counts"]["bm25_index"] for n in "ab"]
     assert bm25[0]["documents_indexed"] > 0 and bm25[1]["documents_indexed"] == 0
+
+    # A third setting, in a process of its own: BM25's hits and the vectors all come from the cache, so the
+    # process never starts the JVM nor imports torch, the two costs of a cold start.
+    probe = (
+        "import sys; from miner.cli import app; from typer.testing import CliRunner; "
+        f"result = CliRunner().invoke(app, ['mine', {str(small_beir)!r}, '--out', {str(tmp_path / 'c')!r}, '-q', "
+        f"'--expansion-depth', '20', '--cache-dir', {str(tmp_path / 'cache')!r}]); "
+        "print(result.exit_code, 'jnius' in sys.modules, 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    warm = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=600)
+    assert warm.stdout.split() == ["0", "False", "False"], warm.stderr
+    pools = [json.loads((tmp_path / n / "manifest.json").read_text())["counts"]["candidates"] for n in "ac"]
+    assert pools[0] == pools[1]  # the same candidates, from the kept hits
 
 
 def test_cache_info_and_clear(tmp_path: Path) -> None:
@@ -188,6 +206,13 @@ def test_bm25_index_is_cached_grown_by_new_documents_and_rebuilt_when_damaged(
     assert grown.equals(fresh)  # the grown index ranks exactly as one built from scratch
     again, counts = bm25_candidates(full, config)
     assert counts["documents_indexed"] == 0 and again.equals(fresh)
+    # The search's hits were kept beside their index; a damaged file of them is searched again and replaced.
+    kept = sorted((tmp_path / "cache" / "bm25").glob("*.hits-*.parquet"))
+    assert len(kept) == 2  # the smaller corpus's search, and the whole one's
+    for hits_file in kept:
+        hits_file.write_bytes(hits_file.read_bytes()[:100])
+    searched_again, _ = bm25_candidates(full, config)
+    assert searched_again.equals(fresh) and any(pq.read_table(f).equals(fresh) for f in kept if f.stat().st_size > 100)
     # Damage a file of the cached index: detected by its checksum, rebuilt, never used.
     entry = max((p for p in (tmp_path / "cache" / "bm25").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     victim = max((p for p in entry.iterdir() if p.suffix not in (".json", ".parquet")), key=lambda p: p.stat().st_size)

@@ -16,14 +16,27 @@ from miner.config import load_config
 from miner.ingest import ingest
 from miner.models import model_key, resolve_model
 from miner.pipeline import embedding_precision, teacher_precision
-from miner.precision import GuardFloor, choose_precision, cpu_capabilities, score_agreement, vector_agreement
+from miner.precision import (
+    BF16_UNITS,
+    GuardFloor,
+    choose_precision,
+    cpu_capabilities,
+    score_agreement,
+    vector_agreement,
+)
 from miner.score import teacher_pairs
 
 FLOOR = GuardFloor(min_cosine=0.99, min_overlap=0.9, min_rank_correlation=0.98)
 
 
 def test_auto_follows_the_cpus_bf16_units_and_a_forced_precision_is_kept() -> None:
+    import torch
+
     this_cpu = cpu_capabilities()
+    # The CPU's flags as the kernel lists them say what torch's own check says.
+    assert {unit: bool(this_cpu[unit]) for unit in BF16_UNITS} == {
+        unit: bool(torch.cpu.get_capabilities()[unit]) for unit in BF16_UNITS
+    }
     has_units = bool(this_cpu.get("avx512_bf16") or this_cpu.get("amx_bf16"))
     chosen = choose_precision("auto")
     assert chosen.precision == ("bfloat16" if has_units else "float32")
