@@ -115,5 +115,7 @@ def run_mine_flow(config: MineConfig) -> dict[str, Any]:
 
 @flow(name="scheduled-mining")
 def mine_flow_from_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of `miner schedule` deployments: their parameters are JSON, so the config arrives as a dict."""
-    return mine_flow(MineConfig.model_validate(settings))
+    """Entry point of `miner schedule` deployments: their parameters are JSON, so the config arrives as a dict.
+
+    Through `run_mine_flow`, so that a config naming a Dask cluster gets its task runner here too."""
+    return run_mine_flow(MineConfig.model_validate(settings))
