@@ -60,10 +60,20 @@ if [ ! -d "$wheels" ]; then
     # Wheels of everything, built here where a package has only a source distribution...
     "$venv/bin/pip" wheel -q "${index[@]}" -c requirements.lock -r "$venv/dependencies.txt" -w "$wheels.tmp" \
         "setuptools>=68" wheel 2> >(grep -v "^WARNING: Location" >&2)
-    # ...then what the image's Python resolves to on top, binary only, the wheels above taken first.
-    "$venv/bin/pip" download -q "${index[@]}" --find-links "$wheels.tmp" -d "$wheels.tmp" \
-        --python-version "$IMAGE_PYTHON" --only-binary=:all: -c requirements.lock -r "$venv/dependencies.txt" \
-        "setuptools>=68" wheel 2> >(grep -v "^WARNING: Location" >&2)
+    # ...then what the image's Python adds: its pip, offline in a throw-away container, names what the
+    # wheelhouse lacks (one package a round, each round may reveal the next), and the host fetches it.
+    for _ in $(seq 20); do
+        missing=$(docker run --rm -v "$wheels.tmp:/wheels:ro" -v "$PWD/requirements.lock:/requirements.lock:ro" \
+            -v "$venv/dependencies.txt:/dependencies.txt:ro" "$BASE_IMAGE" sh -c 'python3 -m venv /tmp/venv \
+            && /tmp/venv/bin/pip install --dry-run --ignore-installed --no-index --find-links /wheels \
+               -c /requirements.lock -r /dependencies.txt "setuptools>=68" wheel 2>&1 || true' \
+            | sed -n 's/^ERROR: No matching distribution found for \([^;]*\).*/\1/p')
+        [ -z "$missing" ] && break
+        log "the image's Python $IMAGE_PYTHON also needs $missing"
+        "$venv/bin/pip" download -q --no-deps --only-binary=:all: --python-version "$IMAGE_PYTHON" \
+            -c requirements.lock -d "$wheels.tmp" "$missing" 2> >(grep -v "^WARNING: Location" >&2)
+    done
+    [ -z "$missing" ] || { log "the wheelhouse still lacks $missing"; exit 1; }
     mv "$wheels.tmp" "$wheels"
     rm -rf "$venv"
 fi
@@ -74,8 +84,8 @@ find wheelhouse -name '*.whl' -delete
 cp -l "$wheels"/*.whl wheelhouse/ 2>/dev/null || cp "$wheels"/*.whl wheelhouse/
 
 log "docker build hardneg-miner"
-docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -t "hardneg-miner:lock-$LOCK_KEY" -t hardneg-miner:latest . >/dev/null
+docker build -q --force-rm --build-arg BASE_IMAGE="$BASE_IMAGE" -t "hardneg-miner:lock-$LOCK_KEY" -t hardneg-miner:latest . >/dev/null
 log "docker build hardneg-miner-postgres"
-docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -t hardneg-miner-postgres:latest docker/postgres >/dev/null
+docker build -q --force-rm --build-arg BASE_IMAGE="$BASE_IMAGE" -t hardneg-miner-postgres:latest docker/postgres >/dev/null
 find wheelhouse -name '*.whl' -delete
 log "images ready: hardneg-miner:latest (hardneg-miner:lock-$LOCK_KEY), hardneg-miner-postgres:latest"
