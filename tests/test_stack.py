@@ -146,7 +146,7 @@ def env_file_from_example(path: Path, updates: dict[str, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:
     if shutil.which("docker-compose") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
         pytest.fail("needs docker-compose and a running Docker engine: .ci/run installs and starts them")
     folder = tmp_path_factory.mktemp("stack")
@@ -182,7 +182,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         TIMES["stack start (up -d until every service is healthy)"] = time.monotonic() - started
         yield stack
     finally:
-        if sys.exc_info()[0] is not None:
+        if sys.exc_info()[0] is not None or request.session.testsfailed:
             print(stack.compose("logs", "--no-color", "--tail", "60", check=False).stdout, file=sys.stderr)
         started = time.monotonic()
         stack.shell(team_install("docker-compose down -v"), ROOT, stack.environment())
@@ -245,7 +245,7 @@ def test_schedule_refuses_a_missing_auth_string(stack: Stack, tmp_path: Path) ->
     )
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("PREFECT_API_AUTH_STRING:"), result.stderr
+    assert result.stderr.startswith("error: PREFECT_API_AUTH_STRING:"), result.stderr
 
 
 def test_scheduled_run_mines_on_both_dask_workers(stack: Stack, tmp_path: Path) -> None:
@@ -267,7 +267,7 @@ def test_scheduled_run_mines_on_both_dask_workers(stack: Stack, tmp_path: Path) 
     )
     TIMES["scheduled run (trigger until Completed)"] = time.monotonic() - started
     assert triggered.returncode == 0, triggered.stdout + triggered.stderr
-    flow_run = next(line.split()[-1] for line in triggered.stdout.splitlines() if line.strip().startswith("UUID"))
+    flow_run = re.findall(r"UUID: ([0-9a-f-]{36})", triggered.stdout)[0]
 
     # The outputs, in the runs volume.
     manifest = json.loads(stack.exec("worker", "cat", "/runs/nightly/manifest.json"))
@@ -286,13 +286,9 @@ def test_scheduled_run_mines_on_both_dask_workers(stack: Stack, tmp_path: Path) 
     recorded = stack.exec("postgres", "psql", "-U", user, "-d", database, "-tA", "-F", " ", "-c", query).split("\n")
     assert [line for line in recorded if line] == ["mine-hard-negatives COMPLETED", "scheduled-mining COMPLETED"]
 
-    # Encoding shards ran on both Dask workers: each worker's own log of the tasks it computed.
-    script = (
-        "import json; from distributed import Client\n"
-        "with Client('tcp://localhost:8786', timeout=30) as client:\n"
-        "    seen = client.run(lambda dask_worker: sorted({str(entry[0]) for entry in dask_worker.state.log"
-        " if isinstance(entry, tuple) and 'encode' in str(entry[0])}))\n"
-        "print(json.dumps(seen))\n"
-    )
-    keys = json.loads(stack.exec("dask-scheduler", "python", "-c", script))
-    assert len(keys) == 2 and all(keys.values()), keys
+    # Encoding shards ran on both Dask workers: Prefect logs each task run where it runs, here in the worker's
+    # container (Dask's own keys name only prefect-dask's wrapper, not the task).
+    for service in ("dask-worker-1", "dask-worker-2"):
+        log = stack.compose("logs", "--no-color", service).stdout
+        finished = re.findall(r"Task run '(encode-(?:document|query))-\w+' - Finished in state Completed", log)
+        assert finished, (service, log[-3000:])
