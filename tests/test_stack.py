@@ -189,8 +189,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
         TIMES["down -v"] = time.monotonic() - started
         volumes = subprocess.run(["docker", "volume", "ls", "-q"], capture_output=True, text=True).stdout.split()
         assert not [volume for volume in volumes if volume.startswith(PROJECT)], volumes
+        # Through pytest's reporter, which prints whether or not output is captured.
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         for step, seconds in TIMES.items():
-            print(f"[stack] {step}: {seconds:.0f} s", file=sys.__stderr__)
+            reporter.write_line(f"[stack] {step}: {seconds:.0f} s")
 
 
 def test_compose_refuses_to_start_without_its_secrets(tmp_path: Path) -> None:
