@@ -118,4 +118,10 @@ def mine_flow_from_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Entry point of `miner schedule` deployments: their parameters are JSON, so the config arrives as a dict.
 
     Through `run_mine_flow`, so that a config naming a Dask cluster gets its task runner here too."""
-    return run_mine_flow(MineConfig.model_validate(settings))
+    config = MineConfig.model_validate(settings)
+    if config.dask_address is not None:
+        from miner.distributed import check_scheduler_reachable
+
+        # As `miner mine` does: an unreachable scheduler is one line in the run's log, not a connection retry loop.
+        check_scheduler_reachable(config.dask_address)
+    return run_mine_flow(config)
