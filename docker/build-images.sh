@@ -81,11 +81,11 @@ fi
 # The build context holds the wheelhouse as hard links (copies across file systems); .dockerignore keeps the
 # rest of the clone's heavy folders out.
 find wheelhouse -name '*.whl' -delete
+trap "find wheelhouse -name '*.whl' -delete" EXIT  # a failed build leaves no wheels in the clone either
 cp -l "$wheels"/*.whl wheelhouse/ 2>/dev/null || cp "$wheels"/*.whl wheelhouse/
 
 log "docker build hardneg-miner"
 docker build -q --force-rm --build-arg BASE_IMAGE="$BASE_IMAGE" -t "hardneg-miner:lock-$LOCK_KEY" -t hardneg-miner:latest . >/dev/null
 log "docker build hardneg-miner-postgres"
 docker build -q --force-rm --build-arg BASE_IMAGE="$BASE_IMAGE" -t hardneg-miner-postgres:latest docker/postgres >/dev/null
-find wheelhouse -name '*.whl' -delete
 log "images ready: hardneg-miner:latest (hardneg-miner:lock-$LOCK_KEY), hardneg-miner-postgres:latest"
