@@ -141,11 +141,12 @@ def one_api_for_all_workers() -> Iterator[None]:
         server.stop()
 
 
-def run_mine_flow(config: MineConfig) -> dict[str, Any]:
-    """The flow, on a Dask cluster when the config names one (an address, or a number of local workers)."""
+def run_mine_flow(config: MineConfig, return_state: bool = False) -> Any:
+    """The flow, on a Dask cluster when the config names one (an address, or a number of local workers); with
+    `return_state`, its final state rather than its result."""
     if not config.dask:
         with one_api_for_all_workers():
-            return mine_flow(config)
+            return mine_flow(config, return_state=return_state)
     from prefect_dask import DaskTaskRunner
 
     if config.dask_address is not None:
@@ -153,16 +154,23 @@ def run_mine_flow(config: MineConfig) -> dict[str, Any]:
     else:
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1})
     with one_api_for_all_workers():
-        return mine_flow.with_options(task_runner=runner)(config)
+        return mine_flow.with_options(task_runner=runner)(config, return_state=return_state)
 
 
 @flow(name="scheduled-mining")
 def mine_flow_from_settings(settings: dict[str, Any]) -> Any:
     """Entry point of `miner schedule` deployments: their parameters are JSON, so the config arrives as a dict.
 
-    A mining run that missed a gate fails this run too, with the same one-line message (not Prefect's summary
-    of a failed subflow)."""
-    state = mine_flow(MineConfig.model_validate(settings), return_state=True)
+    Through `run_mine_flow`, so that a config naming a Dask cluster gets its task runner here too. A mining run
+    that missed a gate fails this run too, with the same one-line message (not Prefect's summary of a failed
+    subflow)."""
+    config = MineConfig.model_validate(settings)
+    if config.dask_address is not None:
+        from miner.distributed import check_scheduler_reachable
+
+        # As `miner mine` does: an unreachable scheduler is one line in the run's log, not a connection retry loop.
+        check_scheduler_reachable(config.dask_address)
+    state = run_mine_flow(config, return_state=True)
     if state.is_failed():
         return Failed(message=state.message)
     return state.result()

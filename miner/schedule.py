@@ -111,6 +111,30 @@ def check_reachable(url: str) -> None:
             f"not a Prefect API (GET /health gave HTTP {response.status_code})",
             "give the API URL, which ends in /api, e.g. http://127.0.0.1:4200/api",
         )
+    check_authorised(url)
+
+
+def check_authorised(url: str) -> None:
+    """One authenticated request: a server with PREFECT_SERVER_API_AUTH_STRING answers 401 to a missing or wrong
+    auth string, which Prefect's client would otherwise report as a traceback on its first call."""
+    import base64
+
+    import httpx
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    auth = PREFECT_API_AUTH_STRING.value()
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    try:
+        # Health is open to all; the version needs the auth string when the server has one.
+        response = httpx.get(f"{url}/admin/version", headers=headers, timeout=HEALTH_TIMEOUT_S)
+    except httpx.HTTPError as error:
+        raise InputError(url, f"no Prefect server answers ({type(error).__name__})", _API_FIX) from None
+    if response.status_code == 401:
+        raise InputError(
+            "PREFECT_API_AUTH_STRING",
+            f"the Prefect API at {url} refused it (HTTP 401): " + ("wrong" if auth else "not set"),
+            "set it to the server's `user:password`, e.g. the PREFECT_API_AUTH_STRING of the stack's .env",
+        )
 
 
 @contextlib.contextmanager

@@ -62,7 +62,9 @@ EXEMPT = {
         "prefect server start",
     ): "starts a long-lived Prefect server and worker (tests/test_schedule.py)",
     ("docs/scheduling.md", "registered scheduled-mining/nightly"): "output of the block above, from a Prefect server",
-    ("docs/compose.md", "cp .env.example .env"): "needs Docker and builds images",
+    ("docs/compose.md", "cp .env.example .env"): "needs root and Docker: tests/test_stack.py runs these commands",
+    ("README.md", "cp .env.example .env"): "the same block as docs/compose.md's (test_team_install_blocks_agree)",
+    ("docs/compose.md", "ssh -N -L"): "opens a tunnel from another machine",
     ("docs/development.md", ".venv/bin/python -m pytest -q"): "the whole suite and the benchmarks: minutes to hours",
 }
 
@@ -229,6 +231,11 @@ def test_dropin_blocks(mined: Path, scratch: Path, monkeypatch: pytest.MonkeyPat
 def test_install_and_test_command_is_the_ci_command() -> None:
     ci_last = (ROOT / ".ci" / "run").read_text().rstrip("\n").splitlines()[-1]
     assert block(INSTALL_AND_TEST) == ci_last + "\n"
+
+
+def test_team_install_blocks_agree() -> None:
+    """The README's team install is docs/compose.md's, the one tests/test_stack.py runs."""
+    assert block(("README.md", "cp .env.example .env")) == block(("docs/compose.md", "cp .env.example .env"))
 
 
 def test_every_block_is_run_or_exempt_with_a_reason() -> None:
