@@ -295,3 +295,44 @@ def test_scheduled_run_mines_on_both_dask_workers(stack: Stack, tmp_path: Path) 
         log = stack.compose("logs", "--no-color", service).stdout
         finished = re.findall(r"Task run '(encode-(?:document|query))-\w+' - Finished in state Completed", log)
         assert finished, (service, log[-3000:])
+
+
+def test_a_scheduled_run_that_misses_a_gate_fails_and_keeps_the_last_good_outputs(stack: Stack, tmp_path: Path) -> None:
+    # After the run above: the same OUT, a gate no run can meet. Its caches are warm, so the run is quick.
+    env = stack.client_env()
+    before = json.loads(stack.exec("worker", "cat", "/runs/nightly/manifest.json"))
+    (tmp_path / "gate.toml").write_text(
+        'data = "/data/cranfield"\nout = "/runs/nightly"\nrequire = ["pairs>=1000000000"]\n', encoding="utf-8"
+    )
+    registered = stack.shell(
+        '.venv/bin/miner schedule --config gate.toml --cron "0 3 * * *" --name gate-check'.replace(
+            ".venv/bin/", f"{Path(sys.executable).parent}/"
+        ),
+        tmp_path,
+        env,
+    )
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    started = time.monotonic()
+    prefect = f"{Path(sys.executable).parent}/prefect"
+    triggered = stack.shell(
+        f"{prefect} deployment run scheduled-mining/gate-check --watch", tmp_path, env | {"COLUMNS": "200"},
+        timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    TIMES["scheduled run that misses a gate (warm caches)"] = time.monotonic() - started
+    flow_run = re.findall(r"UUID: ([0-9a-f-]{36})", triggered.stdout)[0]
+
+    # Failed in PostgreSQL, with the gate's one line as the state's message.
+    user, database = stack.values.get("POSTGRES_USER", "prefect"), stack.values.get("POSTGRES_DB", "prefect")
+    query = f"select r.state_type, r.state_name from flow_run r where r.id = '{flow_run}'"
+    recorded = stack.exec("postgres", "psql", "-U", user, "-d", database, "-tA", "-F", "|", "-c", query).strip()
+    assert recorded.split("|")[0] == "FAILED", recorded
+    message = "select s.message from flow_run_state s where s.flow_run_id = '{}' order by s.timestamp desc limit 1"
+    said = stack.exec("postgres", "psql", "-U", user, "-d", database, "-tA", "-c", message.format(flow_run)).strip()
+    assert said.startswith("quality gate failed: pairs is ") and "not >= 1e+09" in said, said
+    assert len(said.splitlines()) == 1, said
+
+    # OUT still holds the last good run; this run's files went aside.
+    after = json.loads(stack.exec("worker", "cat", "/runs/nightly/manifest.json"))
+    assert after["run_id"] == before["run_id"]
+    aside = stack.exec("worker", "ls", "/runs/nightly.rejected").split()
+    assert len(aside) == 1 and aside[0] != before["run_id"], aside
