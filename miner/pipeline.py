@@ -212,13 +212,18 @@ def embed(
 _handed_over: dict[ModelRef, Any] = {}
 
 
-def _embedding_model(ref: ModelRef, config: MineConfig, show_progress: bool | None = None) -> SentenceTransformer:
+def _loaded(load: Callable[[ModelRef, bool], Any], ref: ModelRef, config: MineConfig, show_progress: bool) -> Any:
+    """The model the guard handed over for `ref`, else `load(ref)` with the run's torch threads."""
     if ref in _handed_over:
         return _handed_over.pop(ref)
     import torch
 
     torch.set_num_threads(threads(config))
-    return load_embedding_model(ref, config.show_progress if show_progress is None else show_progress)
+    return load(ref, show_progress)
+
+
+def _embedding_model(ref: ModelRef, config: MineConfig, show_progress: bool | None = None) -> SentenceTransformer:
+    return _loaded(load_embedding_model, ref, config, config.show_progress if show_progress is None else show_progress)
 
 
 def embedding_cache(ref: ModelRef, config: MineConfig) -> EmbeddingCache | None:
@@ -252,11 +257,9 @@ def embedding_precision(data: Ingested, ref: ModelRef, config: MineConfig) -> tu
     For bfloat16, a fixed sample of the texts still to encode is encoded at float32 and at bfloat16 first; the
     run keeps bfloat16 only when the two agree (miner/precision.py). Nothing to encode: nothing to check.
     """
-    choice = precision.choose_precision(config.models.precision)
-    record: dict[str, Any] = {"requested": choice.requested, "precision": choice.precision, "reason": choice.reason}
-    if choice.precision == "float32":
-        return ref, {**record, "guard": None}
-    reduced = dataclasses.replace(ref, precision=choice.precision)
+    reduced, record = _chosen(ref, config)
+    if reduced is None:
+        return ref, record
     queries = _uncached_sample(data.queries, reduced, "query", config)
     documents = _uncached_sample(data.corpus, reduced, "document", config)
     if queries.num_rows + documents.num_rows == 0:
@@ -271,10 +274,19 @@ def embedding_precision(data: Ingested, ref: ModelRef, config: MineConfig) -> tu
         return encode_chunk(model, table["text"], kind=kind, batch_size=size, prompt=prompts[kind])[0]
 
     full = vectors(queries, "query"), vectors(documents, "document")
-    cast(model, choice.precision)
+    cast(model, reduced.precision)
     reduced_vectors = vectors(queries, "query"), vectors(documents, "document")
     figures = precision.vector_agreement(reduced_vectors[0], full[0], reduced_vectors[1], full[1], guard_floor(config))
     return _guarded(ref, reduced, record, figures, "embedding model", model)
+
+
+def _chosen(ref: ModelRef, config: MineConfig) -> tuple[ModelRef | None, dict[str, Any]]:
+    """(`ref` at the reduced precision the run asks for, or None for float32; the manifest's record of why)."""
+    choice = precision.choose_precision(config.models.precision)
+    record: dict[str, Any] = {"requested": choice.requested, "precision": choice.precision, "reason": choice.reason}
+    if choice.precision == "float32":
+        return None, {**record, "guard": None}
+    return dataclasses.replace(ref, precision=choice.precision), record
 
 
 def _guarded(
@@ -295,11 +307,9 @@ def teacher_precision(
 ) -> tuple[ModelRef, dict[str, Any]]:
     """The cross-encoder at the precision the run will use: as `embedding_precision`, on a fixed sample of the
     text pairs still to score, compared by the rank correlation of their scores."""
-    choice = precision.choose_precision(config.models.precision)
-    record: dict[str, Any] = {"requested": choice.requested, "precision": choice.precision, "reason": choice.reason}
-    if choice.precision == "float32":
-        return ref, {**record, "guard": None}
-    reduced = dataclasses.replace(ref, precision=choice.precision)
+    reduced, record = _chosen(ref, config)
+    if reduced is None:
+        return ref, record
     _, chunks = score.scoring_chunks(
         score.pair_texts(pairs, data.queries, data.corpus), teacher_cache(reduced, config), model_key(reduced)
     )
@@ -310,7 +320,7 @@ def teacher_precision(
     model = _cross_encoder(ref, config, show_progress=False)
     size = config.models.teacher_batch_size
     full = score.score_chunk(model, sample_pairs, batch_size=size, show_progress=False)["teacher_score"].to_numpy()
-    cast(model, choice.precision)
+    cast(model, reduced.precision)
     lowered = score.score_chunk(model, sample_pairs, batch_size=size, show_progress=False)["teacher_score"].to_numpy()
     figures = precision.score_agreement(lowered, full, guard_floor(config))
     return _guarded(ref, reduced, record, figures, "cross-encoder", model)
@@ -376,12 +386,7 @@ def teacher_scores(
 
 
 def _cross_encoder(ref: ModelRef, config: MineConfig, show_progress: bool | None = None) -> Any:
-    if ref in _handed_over:
-        return _handed_over.pop(ref)
-    import torch
-
-    torch.set_num_threads(threads(config))
-    return load_cross_encoder(ref, config.show_progress if show_progress is None else show_progress)
+    return _loaded(load_cross_encoder, ref, config, config.show_progress if show_progress is None else show_progress)
 
 
 def teacher_cache(ref: ModelRef, config: MineConfig) -> TeacherScoreCache | None:
