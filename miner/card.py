@@ -16,16 +16,19 @@ from miner.atomic import atomic_write
 
 CARD_FILE = "README.md"
 
-# Format name -> dataset config name: plural nouns, as the files are named.
+
+def _config_names() -> dict[str, str]:
+    """Parquet file name -> config name: each Parquet format by its own file, each JSONL one by its twin."""
+    names = {formats.DATASET_TWINS.get(file_name, file_name): name for name, file_name in formats.FILES.items()}
+    return {file_name: name for file_name, name in names.items() if file_name.endswith(".parquet")}
 
 
 def _configs(files: list[str]) -> list[str]:
-    names = {file_name: name for name, file_name in formats.FILES.items()}
+    names = _config_names()
     lines = ["configs:"]
     for file_name in files:
-        # `datasets` picks one builder for a whole folder, from its first config's files: the Parquet one here.
-        # A JSONL config would be read as Parquet and fail, so the JSONL files are named in the text instead.
-        if file_name not in names or not file_name.endswith(".parquet"):
+        # `datasets` picks one builder for a whole folder: Parquet here, so a JSONL format's config names its twin.
+        if file_name not in names:
             continue
         # JSON-quoted, so a name is valid YAML whatever it holds.
         lines += [
@@ -80,17 +83,21 @@ def _jsonl_lines(files: list[str]) -> list[str]:
     if not jsonl:
         return []
     return [
-        "Files for other trainers, one JSON object per line (a dataset folder has one file format, so these are",
-        'loaded by path: `datasets.load_dataset("json", data_files="path/to/this/folder/<file>")`):',
+        "Files for other trainers' own readers, one JSON object per line. A dataset folder has one file format,",
+        "so each also has a Parquet copy with the same rows, which its config name loads:",
         "",
-        *[f"- `{file}`" for file in jsonl],
+        *[
+            f"- `{file}` (config `{_config_names()[formats.DATASET_TWINS[file]]}`: `{formats.DATASET_TWINS[file]}`)"
+            for file in jsonl
+        ],
         "",
     ]
 
 
 def dataset_card(manifest: dict[str, Any]) -> str:
     """The card's text: YAML front matter with one config per exported file, then the mining summary."""
-    files = [name for name in manifest.get("files", []) if name in formats.FILES.values()]
+    known = {*formats.FILES.values(), *formats.DATASET_TWINS.values()}
+    files = [name for name in manifest.get("files", []) if name in known]
     lines = [
         "---",
         *_configs(files),
@@ -100,11 +107,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "",
         'Load one file by its config name, e.g. `datasets.load_dataset("path/to/this/folder", "triplets")`:',
         "",
-        *[
-            f"- `{name}`: `{file}`"
-            for name, file in formats.FILES.items()
-            if file in files and file.endswith(".parquet")
-        ],
+        *[f"- `{name}`: `{file}`" for file, name in _config_names().items() if file in files],
         "",
         *_jsonl_lines(files),
         *_summary(manifest),

@@ -49,6 +49,14 @@ FILES: dict[str, str] = {
     "batched-ntuples": BATCHED_NTUPLES_FILE,
 }
 
+# `datasets.load_dataset(OUT, name)` uses one builder for a whole folder (the one its first config's files
+# need), so a JSONL format also gets a Parquet copy of the same rows under the same config name. The JSONL file
+# stays the one its trainer reads; the copy is small beside it (Parquet compresses the repeated passages).
+DATASET_TWINS: dict[str, str] = {
+    FLAGEMBEDDING_FILE: "flagembedding.parquet",
+    TEVATRON_FILE: "tevatron.parquet",
+}
+
 _PAIR = ["query_id", "positive_id"]
 
 
@@ -162,6 +170,8 @@ def build_exports(
             tables[file_name], stats = in_batches(tables[file_name], keys, batching)
             batch_stats.update({f"{name}.{key}": value for key, value in stats.items()})
         counts[file_name] = tables[file_name].num_rows
+        if file_name in DATASET_TWINS:
+            tables[DATASET_TWINS[file_name]] = tables[file_name]
     return tables, counts, batch_stats
 
 
@@ -192,3 +202,5 @@ def remove_unchosen(out: Path, formats: Sequence[str]) -> None:
     for name, file_name in FILES.items():
         if name not in formats:
             (out / file_name).unlink(missing_ok=True)
+            if file_name in DATASET_TWINS:
+                (out / DATASET_TWINS[file_name]).unlink(missing_ok=True)

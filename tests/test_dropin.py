@@ -342,24 +342,35 @@ def mined_all(tiny_beir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_every_exported_file_loads_from_the_folder(
     mined_all: Path, name: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Parquet files by config name; JSONL files (a dataset folder has one builder) by the path the card gives."""
+    """`load_dataset(OUT, name)` for every format; a JSONL format's config (its Parquet twin) holds the JSONL's rows."""
     manifest = json.loads((mined_all / "manifest.json").read_text())
     assert card.CARD_FILE in manifest["files"]
     cache = str(tmp_path_factory.mktemp("datasets-cache"))
     file_name = formats.FILES[name]
-    if file_name.endswith(".parquet"):
-        loaded = load_dataset(str(mined_all), name, split="train", cache_dir=cache)
-    else:
-        assert f"- `{file_name}`" in (mined_all / card.CARD_FILE).read_text()
-        loaded = load_dataset("json", data_files=str(mined_all / file_name), split="train", cache_dir=cache)
+    loaded = load_dataset(str(mined_all), name, split="train", cache_dir=cache)
     assert loaded.num_rows == manifest["counts"]["export"][file_name] > 0
+    if file_name.endswith(".jsonl"):
+        assert formats.DATASET_TWINS[file_name] in manifest["files"]
+        lines = (mined_all / file_name).read_text().splitlines()
+        assert _float32(loaded.to_list()) == _float32([json.loads(line) for line in lines])
+
+
+def _float32(value: object) -> object:
+    """Scores are float32: JSON prints their shortest text, Parquet keeps their bits; both mean the same float32."""
+    if isinstance(value, float):
+        return float(np.float32(value))
+    if isinstance(value, list):
+        return [_float32(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _float32(item) for key, item in value.items()}
+    return value
 
 
 def test_the_card_summarises_the_manifest(mined_all: Path) -> None:
     text = (mined_all / card.CARD_FILE).read_text()
     manifest = json.loads((mined_all / "manifest.json").read_text())
     front, _, body = text.removeprefix("---\n").partition("\n---\n")
-    assert front.count("config_name:") == sum(file.endswith(".parquet") for file in formats.FILES.values())
+    assert front.count("config_name:") == len(formats.FILES)
     assert f"{manifest['counts']['sample']['negatives']} negatives" in body
     assert manifest["teacher"] in body
 
