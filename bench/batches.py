@@ -13,12 +13,17 @@ i's query with j's positive (all-MiniLM-L6-v2, the run's embeddings); a false ne
 second column, any passage of j) judged relevant to i's query by the collection's full judgements (every qrels
 row). Writes bench/results/batches.md and batches.json.
 
-    python bench/batches.py [--sizes 8 32] [--seed 12345]
+    python bench/batches.py [--sizes 8 32] [--seed 12345] [--work DIR] [--reuse]
+
+`--reuse` skips mining a collection whose run is already in `--work` (its rows, manifest and embedding cache, from
+an earlier run of this script with the same seed): for iterating on the ordering. The table then gives that
+earlier run's mining time, and the run's own batched file (written by the code of then) is not compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -93,17 +98,31 @@ def no_duplicates_order(rows: pl.DataFrame, size: int, seed: int) -> list[list[i
     return [list(batch) for batch in sampler]
 
 
-def collection_runs(name: str, folder: Path, sizes: list[int], seed: int, work: Path) -> list[dict[str, Any]]:
+def collection_runs(
+    name: str, folder: Path, sizes: list[int], seed: int, work: Path, reuse: bool = False
+) -> list[dict[str, Any]]:
     out = work / name
     overrides = {"data": folder, "out": out, "show_progress": False, "cache_dir": work / "cache"}
     config = load_config(None, {**overrides, "formats": ["batched"], "batches.size": sizes[0], "sample.seed": seed})
-    started = time.perf_counter()
-    manifest = mine(config)
-    mined_s = time.perf_counter() - started
+    # Written after a finished run only, so that --reuse never picks up a half-written one.
+    mined_record = out / "bench-mined.json"
+    reused = reuse and mined_record.exists() and json.loads(mined_record.read_text())["seed"] == seed
+    if reused:
+        manifest = json.loads((out / "manifest.json").read_text())
+        mined_s = json.loads(mined_record.read_text())["mine_s"]
+    else:
+        started = time.perf_counter()
+        manifest = mine(config)
+        mined_s = time.perf_counter() - started
+        mined_record.write_text(json.dumps({"seed": seed, "mine_s": mined_s}) + "\n", encoding="utf-8")
     data = ingest(folder)
     negatives = pq.read_table(out / "negatives.parquet")
     rows = pl.from_arrow(negatives)
-    embeddings = embed(data, resolve_model(config.models.embedding_model), config)  # from the run's cache
+    # The run's embeddings, from its cache: at the precision it chose (bfloat16 where the CPU has it), which the
+    # manifest records; at another precision they would be encoded anew and differ a little.
+    chosen = manifest["precision"]["embedding"]["precision"]
+    ref = dataclasses.replace(resolve_model(config.models.embedding_model), precision=chosen)
+    embeddings = embed(data, ref, config)
     queries, documents = embeddings
     vectors = {
         "query": np.asarray(queries.vectors),
@@ -129,7 +148,7 @@ def collection_runs(name: str, folder: Path, sizes: list[int], seed: int, work: 
             ordered = order_batches(training_rows(keys, context), size, seed)
             timings[label] = time.perf_counter() - started
             order = ordered.rows.reshape(-1, size).tolist()
-            if label == "this export" and size == sizes[0]:
+            if label == "this export" and size == sizes[0] and not reused:
                 # The same rows in the same order as the run's own file.
                 written = pl.read_parquet(out / "batched-triplets.parquet")
                 expected = rows[ordered.rows.tolist()].select(anchor="query", positive="positive", negative="negative")
@@ -169,10 +188,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hardneg-bench-batches"))
+    parser.add_argument("--reuse", action="store_true", help="reuse the mined runs already in --work")
     args = parser.parse_args()
     results = []
     for name, folder in COLLECTIONS.items():
-        results += collection_runs(name, folder, args.sizes, args.seed, args.work)
+        results += collection_runs(name, folder, args.sizes, args.seed, args.work, args.reuse)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "batches.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
