@@ -7,18 +7,34 @@ trainer leaves both to chance:
 - no in-batch false negatives: no row may bring into a batch a passage that answers another row's query
   there: one of that query's labelled positives, a copy of one (same text), or a near-copy (cosine with one of
   them at least `near_copy`, in the embedding model's space). Rows of one query never share a batch either.
-- hard in-batch negatives: as in TAS-Balanced (Hofstätter et al., 2021), each batch is one topic cluster of
-  queries, on the run's own embeddings. Here the cluster forms around the batch's first query rather than being
-  a fixed k-means cluster: each next query is the one nearest the batch so far (its positives to the batch's
-  queries and its query to the batch's positives), among those that bring no conflict.
+- hard in-batch negatives: as in TAS-Balanced (Hofstätter et al., 2021), each batch is one topic cluster, on the
+  run's own embeddings. A batch's hardness sum (each row's query with every other row's positive) is
+  (sum of its queries) . (sum of its positives), less each row's own pair: it grows with how near each row's
+  query is to the others' positives and its positive to the others' queries. Here the cluster forms around the
+  batch's first row rather than being a fixed k-means cluster, and it is a cluster of rows: which of a query's
+  rows (which positive) joins a batch matters as much as which queries do.
 
-How a batch is built: its first query is the one with the most rows left; how due each other query is (its rows
-left per batch left) weighs against its nearness, so that queries with many rows are not left over at the end,
-where they could only meet each other. Of a chosen query's rows, the conflict-free one whose positive is nearest
-the batch's queries joins. When the cluster around the first query cannot fill the batch, any queries will do
-(most rows left first); when even that fails, another query starts the batch. What no full batch can take is
-unplaced: counted, never dropped silently and never put into a conflicting batch. The order of the batches is
-shuffled; all of it is seeded.
+The conflicts, as a graph: a row hits each other query that one of its passages answers (it may share a batch
+with no row of that query). How many batches the counts allow is known first: n batches take at most min(rows, n)
+rows of a query, so the most batches is the largest n with those adding up to size * n (`batches_possible`). A
+query with a row left for every batch still planned is due: left out, one of its rows would have no batch.
+
+How a batch is built: it grows a query at a time, and which row each query brings stays open until the batch is
+full. A query may join while it has a row left that hits no query of the batch and every query of the batch keeps
+such a row that does not hit it either; two queries exclude each other when every fitting row of one hits the
+other. The first query is the most due (rows left per batch left), with its row that hits most queries (the
+hardest to place later); due queries join next; then the query whose fitting row is nearest the rows the batch
+has so far, weighed (BALANCE) against how due it is, so that queries with many rows are not left over at the end
+where they could only meet each other. Queries that would keep out more of the open ones than the batch can spare
+per slot left wait: a topic cluster's queries tend to share labelled passages, and a greedy cluster otherwise runs
+dry before it is full. When the cluster cannot fill the batch, any queries will do (most rows left first); when
+the due queries cannot all meet, the same without them; when nothing fills a batch, the ordering stops.
+
+Then each query's rows are chosen anew: with every batch's queries fixed, what a query's row adds to a batch's
+hardness sum depends only on its positive and the batch's other queries, so each query's rows (its rows left over
+included) are assigned to its batches exactly (the Hungarian method), among the placements without a conflict.
+What no full batch takes is unplaced: counted, never dropped silently and never put into a conflicting batch. The
+order of the batches is shuffled; all of it is seeded.
 """
 
 from __future__ import annotations
