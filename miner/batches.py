@@ -28,7 +28,8 @@ has so far, weighed (BALANCE) against how due it is, so that queries with many r
 where they could only meet each other. Queries that would keep out more of the open ones than the batch can spare
 per slot left wait: a topic cluster's queries tend to share labelled passages, and a greedy cluster otherwise runs
 dry before it is full. When the cluster cannot fill the batch, any queries will do (most rows left first); when
-the due queries cannot all meet, the same without them; when nothing fills a batch, the ordering stops.
+the due queries cannot all meet, the same without them; then each of the next queries with most rows left
+(as many as a batch holds) starts one in turn. When none of that fills a batch, the ordering stops.
 
 Then each query's rows are chosen anew: with every batch's queries fixed, what a query's row adds to a batch's
 hardness sum depends only on its positive and the batch's other queries, so each query's rows (its rows left over
@@ -51,9 +52,10 @@ from miner.vectors import gathered
 # Weight of how due a query is (its rows left per batch left, 1 = in every batch left) against how near its nearest
 # fitting row is to the batch (the mean over the batch's rows of a sum of two cosines, the query's with their positives
 # and theirs with its positive). Measured on Cranfield's and CISI's triplets (bench/batches.py's mined runs, seed
-# 12345), against 0 and 2: with 0, Cranfield at batch size 32 placed 87.0% of its rows instead of 96.9% (hardness 1.24x
-# random order instead of 1.18x) and CISI at 8 placed 95.3% instead of 99.8% (1.23x instead of 1.21x); 2 placed 98.1%
-# (1.16x) and 99.9% (1.20x). CISI at 32 places fewest with it (15% instead of 20% with 0; see docs/input-output.md).
+# 12345; rows placed, hardness x random order) with 0 / 1 / 2: Cranfield at 8: 99.3% 1.59x / 99.8% 1.61x / 99.9%
+# 1.61x; at 32: 87.0% 1.23x / 96.9% 1.18x / 98.1% 1.16x; CISI at 8: 96.2% 1.22x / 99.8% 1.21x / 99.8% 1.21x; at 32:
+# 29.2% 1.11x / 28.2% 1.07x / 28.4% 1.06x. Without it, queries with many rows are left over at the end (Cranfield at
+# 32, CISI at 8); beyond 1, more placed rows cost hardness everywhere.
 BALANCE = 1.0
 
 
@@ -183,6 +185,15 @@ def order_batches(rows: TrainingRows, size: int, seed: int) -> BatchOrder:
             batch = _batch(rows, graph, affinity, left, remaining / batches_left, must, size, order, by_topic)
             if batch is not None:
                 break
+        # Another query may yet start one: of the queries with most rows left, as many as a batch holds (that
+        # bounds the work where nothing fits any more; on CISI at 32, trying every query placed no more).
+        starts = np.argsort(-remaining, kind="stable")
+        for first in starts[remaining[starts] > 0][1 : size + 1] if batch is None else []:
+            batch = _batch(
+                rows, graph, affinity, left, remaining / batches_left, none_due, size, order, True, int(first)
+            )
+            if batch is not None:
+                break
         if batch is None:
             break
         left[batch] = False
@@ -233,6 +244,7 @@ def _batch(
     size: int,
     order: _Order,
     by_topic: bool,
+    first: int | None = None,
 ) -> np.ndarray | None:
     """One conflict-free batch of `size` rows left, or None when this way of building one finds none.
 
@@ -261,7 +273,8 @@ def _batch(
         return int(top[np.argmin(order.row[top])])
 
     by_rank = np.argsort(order.query)
-    first = int(by_rank[np.argmax(due_ratio[by_rank])])
+    if first is None:
+        first = int(by_rank[np.argmax(due_ratio[by_rank])])
     # Its first row: the one hitting most queries, the hardest to place in a later batch.
     candidates = graph.rows_of_query(first)[fits[graph.rows_of_query(first)]]
     if len(candidates) == 0:
