@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from scipy import sparse
 
 from miner.errors import InputError
 from miner.vectors import gathered
@@ -343,13 +342,15 @@ def _best_rows(rows: TrainingRows, graph: ConflictGraph, grouped: np.ndarray, le
     are an assignment problem of their own, solved exactly (the Hungarian method, scipy's linear_sum_assignment)
     among the placements that bring no conflict.
     """
+    # Imported here: only the batched formats need scipy, and the command line starts faster without it.
+    from scipy import sparse
     from scipy.optimize import linear_sum_assignment
 
     batches, size = grouped.shape
     if batches == 0:
         return grouped
     queries = len(rows.forbidden)
-    grouped = grouped.copy()
+    grouped, left = grouped.copy(), left.copy()
     member_query = rows.query[grouped]
     membership = sparse.csr_matrix(
         (np.ones(grouped.size), (np.repeat(np.arange(batches), size), member_query.reshape(-1))),
@@ -368,11 +369,9 @@ def _best_rows(rows: TrainingRows, graph: ConflictGraph, grouped: np.ndarray, le
         candidates = np.concatenate([grouped[batch, slot], own[left[own]]])
         value = rows.doc_vectors[rows.positive[candidates]] @ (query_sums[batch] - rows.query_vectors[query]).T
         clash = (hits[candidates] @ membership[batch].T).toarray() > 0
-        # The batches' current rows bring no conflict, so an assignment without a clash exists; a clash costs more
-        # than any hardness could make up (a row's cosine sum in a batch is below its size).
-        value[clash] = -2.0 * size
+        # Forbidden; the batches' current rows bring no conflict, so an assignment without one exists.
+        value[clash] = -np.inf
         chosen, into = linear_sum_assignment(value, maximize=True)
-        assert not clash[chosen, into].any()
         left[grouped[batch, slot]] = True
         grouped[batch[into], slot[into]] = candidates[chosen]
         left[candidates[chosen]] = False
