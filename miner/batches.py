@@ -124,6 +124,7 @@ def _grouped(owner: np.ndarray, value: np.ndarray, owners: int) -> tuple[np.ndar
 
 
 def conflict_graph(rows: TrainingRows) -> ConflictGraph:
+    """Which queries each row hits, from the passages it brings and those that answer each query."""
     queries, count = len(rows.forbidden), len(rows.query)
     answering: dict[int, list[int]] = {}
     for query, passages in enumerate(rows.forbidden):
@@ -179,7 +180,7 @@ def order_batches(rows: TrainingRows, size: int, seed: int) -> BatchOrder:
         none_due = np.zeros_like(due)
         batch = None
         # The topic cluster; when it runs out of queries it may meet, any queries (most rows left first); when the
-        # due queries cannot all meet, the same without them. When nothing fits, no other batch would either.
+        # due queries cannot all meet, the same without them.
         for must, by_topic in ((due, True), (due, False), (none_due, True), (none_due, False)):
             batch = _batch(rows, graph, affinity, left, remaining / batches_left, must, size, order, by_topic)
             if batch is not None:
@@ -194,7 +195,7 @@ def order_batches(rows: TrainingRows, size: int, seed: int) -> BatchOrder:
             if batch is not None:
                 break
         if batch is None:
-            break
+            break  # the rows left are unplaced
         left[batch] = False
         np.subtract.at(remaining, rows.query[batch], 1)
         batches.append(batch)
