@@ -13,12 +13,17 @@ i's query with j's positive (all-MiniLM-L6-v2, the run's embeddings); a false ne
 second column, any passage of j) judged relevant to i's query by the collection's full judgements (every qrels
 row). Writes bench/results/batches.md and batches.json.
 
-    python bench/batches.py [--sizes 8 32] [--seed 12345]
+    python bench/batches.py [--sizes 8 32] [--seed 12345] [--work DIR] [--reuse]
+
+`--reuse` skips mining a collection whose run is already in `--work` (its rows, manifest and embedding cache, from
+an earlier run of this script with the same seed): for iterating on the ordering. The table then gives that
+earlier run's mining time, and the run's own batched file (written by the code of then) is not compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -33,7 +38,7 @@ import pyarrow.parquet as pq
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from miner.batches import order_batches, training_rows
+from miner.batches import TrainingRows, batches_possible, conflict_graph, order_batches, training_rows
 from miner.config import load_config
 from miner.ingest import ingest
 from miner.models import resolve_model
@@ -84,6 +89,49 @@ def measure(order: list[list[int]], rows: pl.DataFrame, vectors: dict[str, Any],
     }
 
 
+def limits(rows: TrainingRows, size: int, seed: int, samples: int = 2000) -> dict[str, float]:
+    """What the conflicts and counts allow, whatever the ordering.
+
+    - hits per row: how many other queries a row brings a passage answering (it may meet no row of them);
+    - the count bound: n batches take at most min(rows, n) rows of a query (`batches_possible`);
+    - random query sets: of `samples` seeded random sets of `size` queries, the share in which every query has a
+      row hitting none of the others (only those sets can be a conflict-free batch);
+    - the hardness ceiling of a full placement: when query a is in m_a batches, its rows meet m_a * (size - 1)
+      distinct rows of other queries (each row is in one batch, which holds one row of a), none hitting a; so their
+      cosine sum is at most that of a's best m_a * (size - 1) such rows. With m_a = min(rows of a, count bound),
+      the mean over all of them bounds the hardness of any order placing every row the counts allow.
+    """
+    from scipy import sparse
+
+    graph = conflict_graph(rows)
+    queries, count = len(rows.forbidden), len(rows.query)
+    per_query = np.bincount(rows.query, minlength=queries)
+    batches = batches_possible(per_query, size)
+    hits = sparse.csr_matrix((np.ones(len(graph.hits)), graph.hits, graph.hits_start), shape=(count, queries))
+    rng = np.random.default_rng(seed)
+    possible = 0
+    for _ in range(samples):
+        chosen = np.zeros(queries, dtype=bool)
+        chosen[rng.choice(queries, size, replace=False)] = True
+        fitting = chosen[rows.query] & (hits @ chosen.astype(float) == 0)
+        possible += bool(np.all(np.bincount(rows.query[fitting], minlength=queries)[chosen] > 0))
+    cosines = rows.query_vectors @ rows.doc_vectors[rows.positive].T  # (queries, rows)
+    ceiling = slots = 0.0
+    for query in range(queries):
+        meets = min(per_query[query], batches) * (size - 1)
+        allowed = rows.query != query
+        allowed[graph.hit_by_of(query)] = False
+        ceiling += np.sort(cosines[query, allowed])[::-1][:meets].sum()
+        slots += meets
+    return {
+        "hits_per_row": len(graph.hits) / count,
+        "other_queries": queries - 1,
+        "count_bound_rows": batches * size,
+        "random_sets_possible": possible / samples,
+        "ceiling": ceiling / slots,
+    }
+
+
 def no_duplicates_order(rows: pl.DataFrame, size: int, seed: int) -> list[list[int]]:
     from datasets import Dataset
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
@@ -93,17 +141,31 @@ def no_duplicates_order(rows: pl.DataFrame, size: int, seed: int) -> list[list[i
     return [list(batch) for batch in sampler]
 
 
-def collection_runs(name: str, folder: Path, sizes: list[int], seed: int, work: Path) -> list[dict[str, Any]]:
+def collection_runs(
+    name: str, folder: Path, sizes: list[int], seed: int, work: Path, reuse: bool = False
+) -> list[dict[str, Any]]:
     out = work / name
     overrides = {"data": folder, "out": out, "show_progress": False, "cache_dir": work / "cache"}
     config = load_config(None, {**overrides, "formats": ["batched"], "batches.size": sizes[0], "sample.seed": seed})
-    started = time.perf_counter()
-    manifest = mine(config)
-    mined_s = time.perf_counter() - started
+    # Written after a finished run only, so that --reuse never picks up a half-written one.
+    mined_record = out / "bench-mined.json"
+    reused = reuse and mined_record.exists() and json.loads(mined_record.read_text())["seed"] == seed
+    if reused:
+        manifest = json.loads((out / "manifest.json").read_text())
+        mined_s = json.loads(mined_record.read_text())["mine_s"]
+    else:
+        started = time.perf_counter()
+        manifest = mine(config)
+        mined_s = time.perf_counter() - started
+        mined_record.write_text(json.dumps({"seed": seed, "mine_s": mined_s}) + "\n", encoding="utf-8")
     data = ingest(folder)
     negatives = pq.read_table(out / "negatives.parquet")
     rows = pl.from_arrow(negatives)
-    embeddings = embed(data, resolve_model(config.models.embedding_model), config)  # from the run's cache
+    # The run's embeddings, from its cache: at the precision it chose (bfloat16 where the CPU has it), which the
+    # manifest records; at another precision they would be encoded anew and differ a little.
+    chosen = manifest["precision"]["embedding"]["precision"]
+    ref = dataclasses.replace(resolve_model(config.models.embedding_model), precision=chosen)
+    embeddings = embed(data, ref, config)
     queries, documents = embeddings
     vectors = {
         "query": np.asarray(queries.vectors),
@@ -120,16 +182,19 @@ def collection_runs(name: str, folder: Path, sizes: list[int], seed: int, work: 
         orders["random order"] = [shuffled[i : i + size].tolist() for i in range(0, rows.height - size + 1, size)]
         orders["NO_DUPLICATES sampler"] = no_duplicates_order(rows, size, seed)
         timings = {}
+        limit: dict[str, dict[str, float]] = {}
         for label, check_negatives in (("this export", True), ("this export, positives only", False)):
             batching = {"batches.size": size, "batches.check_negatives": check_negatives, "sample.seed": seed}
             sized = load_config(None, {**overrides, "formats": ["batched"], **batching})
             context = batch_context(negatives, data, embeddings, sized)
             assert context is not None
             started = time.perf_counter()
-            ordered = order_batches(training_rows(keys, context), size, seed)
+            batch_rows = training_rows(keys, context)
+            ordered = order_batches(batch_rows, size, seed)
             timings[label] = time.perf_counter() - started
+            limit[label] = limits(batch_rows, size, seed)
             order = ordered.rows.reshape(-1, size).tolist()
-            if label == "this export" and size == sizes[0]:
+            if label == "this export" and size == sizes[0] and not reused:
                 # The same rows in the same order as the run's own file.
                 written = pl.read_parquet(out / "batched-triplets.parquet")
                 expected = rows[ordered.rows.tolist()].select(anchor="query", positive="positive", negative="negative")
@@ -139,6 +204,8 @@ def collection_runs(name: str, folder: Path, sizes: list[int], seed: int, work: 
             result = {"collection": name, "size": size, "order": label, **measure(order, rows, vectors, judged)}
             result["total_rows"] = rows.height
             result["order_s"] = round(timings.get(label, float("nan")), 2)
+            if label in limit:
+                result["limits"] = limit[label]
             results.append(result)
     for result in results:
         result["mine_s"] = round(mined_s, 1)
@@ -164,15 +231,37 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def limits_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| collection | batch size | passages checked | other queries a row hits (mean, of) | rows the counts allow | "
+        "random query sets that can be a batch | hardness ceiling, all those rows placed | x random order |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    random = {(r["collection"], r["size"]): r["hardness"] for r in results if r["order"] == "random order"}
+    for r in results:
+        if "limits" not in r:
+            continue
+        limit = r["limits"]
+        checked = "positives only" if r["order"].endswith("positives only") else "positives and negatives"
+        lines.append(
+            f"| {r['collection']} | {r['size']} | {checked} | {limit['hits_per_row']:.2f} of "
+            f"{limit['other_queries']} | {limit['count_bound_rows']:,} of {r['total_rows']:,} | "
+            f"{limit['random_sets_possible']:.1%} | {limit['ceiling']:.3f} | "
+            f"{limit['ceiling'] / random[(r['collection'], r['size'])]:.2f}x |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hardneg-bench-batches"))
+    parser.add_argument("--reuse", action="store_true", help="reuse the mined runs already in --work")
     args = parser.parse_args()
     results = []
     for name, folder in COLLECTIONS.items():
-        results += collection_runs(name, folder, args.sizes, args.seed, args.work)
+        results += collection_runs(name, folder, args.sizes, args.seed, args.work, args.reuse)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "batches.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -193,7 +282,20 @@ def main() -> None:
         f"{timing}.",
         "",
     ]
-    (RESULTS / "batches.md").write_text("\n".join(header + table(results)) + "\n", encoding="utf-8")
+    bounds = [
+        "",
+        "What the conflicts and counts allow, whatever the order (`limits` in bench/batches.py): how many other "
+        "queries a row brings a passage answering (it may meet no row of them); how many rows batches of distinct "
+        "queries can hold at most (n batches take at most min(rows, n) rows of a query); the share of 2,000 seeded "
+        "random sets of B queries in which every query has a row hitting none of the others (only such a set can "
+        "be a conflict-free batch); and a ceiling on the hardness of any order that places all those rows: each "
+        "query's rows meet distinct rows of other queries that do not hit it, so their cosine sum is at most that "
+        "of its best such rows.",
+        "",
+    ]
+    (RESULTS / "batches.md").write_text(
+        "\n".join(header + table(results) + bounds + limits_table(results)) + "\n", encoding="utf-8"
+    )
     print("\n".join(table(results)))
 
 

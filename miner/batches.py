@@ -7,24 +7,39 @@ trainer leaves both to chance:
 - no in-batch false negatives: no row may bring into a batch a passage that answers another row's query
   there: one of that query's labelled positives, a copy of one (same text), or a near-copy (cosine with one of
   them at least `near_copy`, in the embedding model's space). Rows of one query never share a batch either.
-- hard in-batch negatives: as in TAS-Balanced (Hofstätter et al., 2021), each batch is one topic cluster of
-  queries, on the run's own embeddings. Here the cluster forms around the batch's first query rather than being
-  a fixed k-means cluster: each next query is the one nearest the batch so far (its positives to the batch's
-  queries and its query to the batch's positives), among those that bring no conflict.
+- hard in-batch negatives: as in TAS-Balanced (Hofstätter et al., 2021), each batch is one topic cluster, on the
+  run's own embeddings. A batch's hardness sum (each row's query with every other row's positive) is
+  (sum of its queries) . (sum of its positives), less each row's own pair: it grows with how near each row's
+  query is to the others' positives and its positive to the others' queries. Here the cluster forms around the
+  batch's first row rather than being a fixed k-means cluster, and it is a cluster of rows: which of a query's
+  rows (which positive) joins a batch matters as much as which queries do.
 
-How a batch is built: its first query is the one with the most rows left; how due each other query is (its rows
-left per batch left) weighs against its nearness, so that queries with many rows are not left over at the end,
-where they could only meet each other. Of a chosen query's rows, the conflict-free one whose positive is nearest
-the batch's queries joins. When the cluster around the first query cannot fill the batch, any queries will do
-(most rows left first); when even that fails, another query starts the batch. What no full batch can take is
-unplaced: counted, never dropped silently and never put into a conflicting batch. The order of the batches is
-shuffled; all of it is seeded.
+The conflicts, as a graph: a row hits each other query that one of its passages answers (it may share a batch
+with no row of that query). How many batches the counts allow is known first: n batches take at most min(rows, n)
+rows of a query, so the most batches is the largest n with those adding up to size * n (`batches_possible`). A
+query with a row left for every batch still planned is due: left out, one of its rows would have no batch.
+
+How a batch is built: it grows a query at a time, and which row each query brings stays open until the batch is
+full. A query may join while it has a row left that hits no query of the batch and every query of the batch keeps
+such a row that does not hit it either; two queries exclude each other when every fitting row of one hits the
+other. The first query is the most due (rows left per batch left), with its row that hits most queries (the
+hardest to place later); due queries join next; then the query whose fitting row is nearest the rows the batch
+has so far, weighed (BALANCE) against how due it is, so that queries with many rows are not left over at the end
+where they could only meet each other. Queries that would keep out more of the open ones than the batch can spare
+per slot left wait: a topic cluster's queries tend to share labelled passages, and a greedy cluster otherwise runs
+dry before it is full. When the cluster cannot fill the batch, any queries will do (most rows left first); when
+the due queries cannot all meet, the same without them; then each of the next queries with most rows left
+(as many as a batch holds) starts one in turn. When none of that fills a batch, the ordering stops.
+
+Then each query's rows are chosen anew: with every batch's queries fixed, what a query's row adds to a batch's
+hardness sum depends only on its positive and the batch's other queries, so each query's rows (its rows left over
+included) are assigned to its batches exactly (the Hungarian method), among the placements without a conflict.
+What no full batch takes is unplaced: counted, never dropped silently and never put into a conflicting batch. The
+order of the batches is shuffled; all of it is seeded.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,10 +48,13 @@ import polars as pl
 from miner.errors import InputError
 from miner.vectors import gathered
 
-# Weight of how due a query is (its rows left per batch left, 1 = in every batch left) against its mean nearness to
-# the batch (a sum of two cosines). Chosen on Cranfield's and CISI's triplets at batch size 32: with 0 instead,
-# Cranfield left 1,367 of 8,055 rows unplaced instead of 247, for 0.013 more hardness; CISI placed 608 rows
-# instead of 672.
+# Weight of how due a query is (its rows left per batch left, 1 = in every batch left) against how near its nearest
+# fitting row is to the batch (the mean over the batch's rows of a sum of two cosines, the query's with their positives
+# and theirs with its positive). Measured on Cranfield's and CISI's triplets (bench/batches.py's mined runs, seed
+# 12345; rows placed, hardness x random order) with 0 / 1 / 2: Cranfield at 8: 99.3% 1.59x / 99.8% 1.61x / 99.9%
+# 1.61x; at 32: 87.0% 1.23x / 96.9% 1.18x / 98.1% 1.16x; CISI at 8: 96.2% 1.22x / 99.8% 1.21x / 99.8% 1.21x; at 32:
+# 29.2% 1.11x / 28.2% 1.07x / 28.4% 1.06x. Without it, queries with many rows are left over at the end (Cranfield at
+# 32, CISI at 8); beyond 1, more placed rows cost hardness everywhere.
 BALANCE = 1.0
 
 
@@ -72,107 +90,293 @@ def conflicts(rows: TrainingRows, a: int, b: int) -> bool:
     )
 
 
-def mean_positives(rows: TrainingRows) -> np.ndarray:
-    """Per query, the mean vector of the positives of its rows: where its passages lie."""
-    sums = np.zeros_like(rows.query_vectors)
-    np.add.at(sums, rows.query, rows.doc_vectors[rows.positive])
-    counts = np.bincount(rows.query, minlength=len(sums)).astype(np.float32)[:, None]
-    return np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+@dataclass(frozen=True)
+class ConflictGraph:
+    """Who may not meet whom, as index lists (the entries of item i are `values[start[i]:start[i + 1]]`).
+
+    A row's hits are the queries, other than its own, that one of its passages answers: the row may share a batch
+    with no row of them. Rows of one query never share a batch either.
+    """
+
+    hits_start: np.ndarray  # per row: the queries it hits
+    hits: np.ndarray
+    hit_by_start: np.ndarray  # per query: the rows that hit it
+    hit_by: np.ndarray
+    rows_start: np.ndarray  # per query: its rows
+    rows_of: np.ndarray
+
+    def hits_of(self, row: int) -> np.ndarray:
+        return self.hits[self.hits_start[row] : self.hits_start[row + 1]]
+
+    def hit_by_of(self, query: int) -> np.ndarray:
+        return self.hit_by[self.hit_by_start[query] : self.hit_by_start[query + 1]]
+
+    def rows_of_query(self, query: int) -> np.ndarray:
+        return self.rows_of[self.rows_start[query] : self.rows_start[query + 1]]
+
+
+def _grouped(owner: np.ndarray, value: np.ndarray, owners: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, values) of `value` grouped by `owner` (0..owners-1), each group in increasing order."""
+    order = np.lexsort((value, owner))
+    start = np.zeros(owners + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner, minlength=owners), out=start[1:])
+    return start, value[order].astype(np.int64)
+
+
+def conflict_graph(rows: TrainingRows) -> ConflictGraph:
+    """Which queries each row hits, from the passages it brings and those that answer each query."""
+    queries, count = len(rows.forbidden), len(rows.query)
+    answering: dict[int, list[int]] = {}
+    for query, passages in enumerate(rows.forbidden):
+        for passage in passages:
+            answering.setdefault(passage, []).append(query)
+    pairs = sorted(
+        {
+            (row, query)
+            for row, passages in enumerate(rows.docs)
+            for passage in passages
+            for query in answering.get(passage, ())
+            if query != rows.query[row]
+        }
+    )
+    hit = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return ConflictGraph(
+        *_grouped(hit[:, 0], hit[:, 1], count),
+        *_grouped(hit[:, 1], hit[:, 0], queries),
+        *_grouped(rows.query.astype(np.int64), np.arange(count, dtype=np.int64), queries),
+    )
+
+
+def batches_possible(rows_per_query: np.ndarray, size: int) -> int:
+    """The most batches of `size` distinct queries the rows allow, conflicts aside: n batches take at most
+    min(rows, n) rows of each query, so n is possible only if those add up to size * n."""
+    low, high = 0, int(rows_per_query.sum()) // size
+    while low < high:
+        middle = (low + high + 1) // 2
+        if np.minimum(rows_per_query, middle).sum() >= size * middle:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def order_batches(rows: TrainingRows, size: int, seed: int) -> BatchOrder:
-    """Rows grouped into conflict-free batches of exactly `size`, each one topic cluster of queries."""
+    """Rows grouped into conflict-free batches of exactly `size`, each a topic cluster of rows."""
     rng = np.random.default_rng(seed)
-    queries = len(rows.query_vectors)
-    positives = mean_positives(rows)
-    # Among equals, a seeded order rather than the input's: candidates are listed in it, and argmax takes the first.
-    tie_break = rng.permutation(queries)
-    left: list[deque[int]] = [deque() for _ in range(queries)]
-    for row in rng.permutation(len(rows.query)):
-        left[rows.query[row]].append(int(row))
-    remaining = np.array([len(rows_of) for rows_of in left])
-    batches: list[list[int]] = []
-    # Queries that could not start a batch since the last batch was made: another first query is tried.
-    blocked = np.zeros(queries, dtype=bool)
-    while np.count_nonzero(remaining) >= size and np.count_nonzero(remaining[~blocked]):
-        active = np.flatnonzero(remaining)
-        active = active[np.argsort(tie_break[active])]
-        starters = active[~blocked[active]]
-        first = starters[np.argmax(remaining[starters])]
-        candidates = active[active != first]
-        # How due each query is: its rows left per batch left (1: it must be in every batch left).
-        due = remaining[candidates] / max(remaining.sum() // size, 1)
-        nearness = _affinity(rows.query_vectors, positives, candidates)
-        batch = _fill(rows, left, candidates, left[first][0], size, nearness, BALANCE * due)
+    graph = conflict_graph(rows)
+    queries, count = len(rows.forbidden), len(rows.query)
+    # Among equals, a seeded order rather than the input's: argmax takes the first.
+    order = _Order(query=rng.permutation(queries), row=rng.permutation(count))
+    left = np.ones(count, dtype=bool)
+    remaining = np.bincount(rows.query, minlength=queries)
+    planned = batches_possible(remaining, size)
+    affinity = _Affinity.of(rows)
+    batches: list[np.ndarray] = []
+    while planned > len(batches):
+        batches_left = planned - len(batches)
+        # A query with a row left for every batch still planned is due: leaving it out leaves one of its rows
+        # with no batch.
+        due = remaining >= batches_left
+        none_due = np.zeros_like(due)
+        batch = None
+        # The topic cluster; when it runs out of queries it may meet, any queries (most rows left first); when the
+        # due queries cannot all meet, the same without them.
+        for must, by_topic in ((due, True), (due, False), (none_due, True), (none_due, False)):
+            batch = _batch(rows, graph, affinity, left, remaining / batches_left, must, size, order, by_topic)
+            if batch is not None:
+                break
+        # Another query may yet start one: of the queries with most rows left, as many as a batch holds (that
+        # bounds the work where nothing fits any more; on CISI at 32, trying every query placed no more).
+        starts = np.argsort(-remaining, kind="stable")
+        for first in starts[remaining[starts] > 0][1 : size + 1] if batch is None else []:
+            batch = _batch(
+                rows, graph, affinity, left, remaining / batches_left, none_due, size, order, True, int(first)
+            )
+            if batch is not None:
+                break
         if batch is None:
-            # The topic cluster around `first` has too few queries it may meet: any queries will do, the ones
-            # with most rows first.
-            batch = _fill(rows, left, candidates, left[first][0], size, None, remaining[candidates].astype(float))
-        if batch is None:
-            blocked[first] = True
-            continue
-        for row in batch:
-            left[rows.query[row]].remove(row)
-            remaining[rows.query[row]] -= 1
+            break  # the rows left are unplaced
+        left[batch] = False
+        np.subtract.at(remaining, rows.query[batch], 1)
         batches.append(batch)
-        blocked[:] = False
-    unplaced = int(remaining.sum())
-    shuffled = [batches[i] for i in rng.permutation(len(batches))]
-    order_rows = np.array([row for batch in shuffled for row in batch], dtype=np.int64)
+    grouped = _best_rows(rows, graph, np.array(batches, dtype=np.int64).reshape(-1, size), left)
+    shuffled = grouped[rng.permutation(len(grouped))]
     numbers = np.repeat(np.arange(len(shuffled), dtype=np.int32), size)
-    return BatchOrder(order_rows, numbers, unplaced)
+    return BatchOrder(shuffled.reshape(-1), numbers, count - grouped.size)
 
 
-def _affinity(query_vectors: np.ndarray, positives: np.ndarray, candidates: np.ndarray) -> Callable[[int], np.ndarray]:
-    """For a query m, how hard each candidate and m are as each other's in-batch negatives: the cosine of each
-    query with the other's positives, both ways."""
+@dataclass(frozen=True)
+class _Order:
+    """Seeded orders of the queries and rows, to choose among equals."""
 
-    def of(member: int) -> np.ndarray:
-        return query_vectors[candidates] @ positives[member] + positives[candidates] @ query_vectors[member]
-
-    return of
+    query: np.ndarray
+    row: np.ndarray
 
 
-def _fill(
+@dataclass(frozen=True)
+class _Affinity:
+    """The run's vectors, arranged to score how hard rows are as each other's in-batch negatives."""
+
+    query_vectors: np.ndarray  # (queries, dim)
+    positives: np.ndarray  # (distinct positives, dim)
+    positive_of: np.ndarray  # (rows,) number in `positives` of each row's positive
+
+    @staticmethod
+    def of(rows: TrainingRows) -> _Affinity:
+        distinct, positive_of = np.unique(rows.positive, return_inverse=True)
+        return _Affinity(rows.query_vectors, rows.doc_vectors[distinct], positive_of)
+
+    def with_row(self, rows: TrainingRows, row: int) -> np.ndarray:
+        """For every row, the cosine of its query with `row`'s positive plus that of `row`'s query with its
+        positive: what the two add to the batch's hardness sum when they meet."""
+        to_positive = self.query_vectors @ rows.doc_vectors[rows.positive[row]]
+        to_query = self.positives @ rows.query_vectors[rows.query[row]]
+        return to_positive[rows.query] + to_query[self.positive_of]
+
+
+def _batch(
     rows: TrainingRows,
-    left: list[deque[int]],
-    candidates: np.ndarray,
-    first: int,
+    graph: ConflictGraph,
+    affinity: _Affinity,
+    left: np.ndarray,
+    due_ratio: np.ndarray,
+    due: np.ndarray,
     size: int,
-    nearness: Callable[[int], np.ndarray] | None,
-    priority: np.ndarray,
-) -> list[int] | None:
-    """A batch of `size` rows starting with row `first`; None when the candidate queries run out first.
+    order: _Order,
+    by_topic: bool,
+    first: int | None = None,
+) -> np.ndarray | None:
+    """One conflict-free batch of `size` rows left, or None when this way of building one finds none.
 
-    Each next query is the candidate with the highest `priority` plus mean `nearness` to the batch's queries
-    (without `nearness`, `priority` alone). A candidate that would meet a passage answering it is skipped; of
-    the rest, the row that brings no passage answering a query of the batch and whose positive is nearest the
-    batch's queries joins.
+    The batch grows a query at a time; which of its rows a query brings stays open until the end. A query may join
+    when it has a row left that hits no query of the batch, and every query of the batch keeps such a row that does
+    not hit it either. `due` queries join first; then (`by_topic`) the query whose fitting row nearest the batch is
+    nearest, weighed against how due it is (`due_ratio`: rows left per batch left), or else the one with most rows.
     """
-    batch = [first]
-    docs = set(rows.docs[first])
-    forbidden = set(rows.forbidden[rows.query[first]])
-    near = np.zeros(len(candidates)) if nearness is None else nearness(rows.query[first])
-    open_ = np.ones(len(candidates), dtype=bool)
-    while len(batch) < size and open_.any():
-        score = priority + near / len(batch)
-        pick = int(np.argmax(np.where(open_, score, -np.inf)))
-        open_[pick] = False
-        query = candidates[pick]
-        if not rows.forbidden[query].isdisjoint(docs):
-            continue  # every row of this query would meet a passage answering it
-        fitting = [r for r in left[query] if rows.docs[r].isdisjoint(forbidden)]
-        if not fitting:
+    queries = len(due)
+    fits = left.copy()  # rows left that hit no query of the batch
+    member = np.zeros(queries, dtype=bool)
+    gain = np.zeros(len(fits))  # per row: its affinity with the rows brought so far
+    brought: dict[int, int] = {}
+    hit_counts = np.diff(graph.hits_start)
+
+    def join(row: int) -> None:
+        query = int(rows.query[row])
+        member[query] = True
+        brought[query] = row
+        fits[graph.hit_by_of(query)] = False
+        gain[:] += affinity.with_row(rows, row)
+
+    def nearest_row(query: int) -> int:
+        candidates = graph.rows_of_query(query)[fits[graph.rows_of_query(query)]]
+        top = candidates[gain[candidates] == gain[candidates].max()]
+        return int(top[np.argmin(order.row[top])])
+
+    by_rank = np.argsort(order.query)
+    if first is None:
+        first = int(by_rank[np.argmax(due_ratio[by_rank])])
+    # Its first row: the one hitting most queries, the hardest to place in a later batch.
+    candidates = graph.rows_of_query(first)[fits[graph.rows_of_query(first)]]
+    if len(candidates) == 0:
+        return None
+    join(int(candidates[np.argmax(hit_counts[candidates])]))
+    while (slots := size - len(brought)) > 0:
+        open_, keeps_out = _may_join(rows.query, graph, fits, member)
+        if not open_.any():
+            return None
+        # The batch spends its spare queries (those open beyond the slots left) at an even pace: only queries that
+        # keep out no more than the spare per slot (or the fewest any keeps out) may join. Without it, a topic
+        # cluster fills with queries that exclude each other's neighbours and runs dry before it is full.
+        spare = np.count_nonzero(open_) - slots
+        paced = open_ & (keeps_out <= max(keeps_out[open_].min(), spare / slots))
+        if by_topic:
+            nearness = np.full(queries, -np.inf)
+            np.maximum.at(nearness, rows.query[fits], gain[fits])
+            wish = nearness / len(brought) + BALANCE * due_ratio
+        else:
+            wish = due_ratio
+        score = np.where(paced, np.where(due, np.inf, wish), -np.inf)[by_rank]
+        join(nearest_row(int(by_rank[np.argmax(score)])))
+    # A row chosen early may hit a query that joined after it: then its query's nearest row that fits.
+    return np.array([row if fits[row] else nearest_row(query) for query, row in brought.items()], dtype=np.int64)
+
+
+def _may_join(
+    query_of: np.ndarray, graph: ConflictGraph, fits: np.ndarray, member: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which queries may join the batch, and how many of those each would keep out by joining: queries a and b
+    exclude each other when every fitting row of a hits b."""
+    queries = len(member)
+    fitting = np.bincount(query_of[fits], minlength=queries)
+    open_ = (fitting > 0) & ~member
+    kept = np.flatnonzero(fits)
+    lengths = graph.hits_start[kept + 1] - graph.hits_start[kept]
+    owner = np.repeat(query_of[kept], lengths)
+    hit = graph.hits[
+        np.repeat(graph.hits_start[kept] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    ]
+    pairs, times = _counted(owner * queries + hit, queries * queries)
+    a, b = pairs // queries, pairs % queries
+    exclusive = times == fitting[a]
+    open_[b[exclusive & member[a]]] = False
+    open_[a[exclusive & member[b]]] = False
+    both_open = exclusive & open_[a] & open_[b]
+    keeps_out = np.bincount(a[both_open], minlength=queries) + np.bincount(b[both_open], minlength=queries)
+    return open_, keeps_out
+
+
+def _counted(keys: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct keys (below `limit`) and how often each occurs."""
+    if limit <= 1 << 24:  # a count per possible key is cheaper than sorting
+        times = np.bincount(keys, minlength=limit)
+        distinct = np.flatnonzero(times)
+        return distinct, times[distinct]
+    return np.unique(keys, return_counts=True)
+
+
+def _best_rows(rows: TrainingRows, graph: ConflictGraph, grouped: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """The batches with the rows that make them hardest: each query keeps its batches, and which of its rows goes
+    to which (its rows left over included) is chosen anew.
+
+    With the queries of every batch fixed, the hardness sum depends on the row a query brings to a batch only
+    through its positive's cosines with the batch's other queries, whichever rows those bring: each query's rows
+    are an assignment problem of their own, solved exactly (the Hungarian method, scipy's linear_sum_assignment)
+    among the placements that bring no conflict.
+    """
+    # Imported here: only the batched formats need scipy, and the command line starts faster without it.
+    from scipy import sparse
+    from scipy.optimize import linear_sum_assignment
+
+    batches, size = grouped.shape
+    if batches == 0:
+        return grouped
+    queries = len(rows.forbidden)
+    grouped, left = grouped.copy(), left.copy()
+    member_query = rows.query[grouped]
+    membership = sparse.csr_matrix(
+        (np.ones(grouped.size), (np.repeat(np.arange(batches), size), member_query.reshape(-1))),
+        shape=(batches, queries),
+    )
+    hits = sparse.csr_matrix((np.ones(len(graph.hits)), graph.hits, graph.hits_start), shape=(len(rows.query), queries))
+    query_sums = rows.query_vectors[member_query].sum(axis=1)
+    places = np.argsort(member_query.reshape(-1), kind="stable")
+    starts = np.searchsorted(member_query.reshape(-1)[places], np.arange(queries + 1))
+    for query in range(queries):
+        place = places[starts[query] : starts[query + 1]]
+        batch, slot = place // size, place % size
+        if len(place) == 0:
             continue
-        # Of its rows, the one whose positive is nearest the batch's queries: the hardest negative it can be.
-        members = rows.query_vectors[rows.query[batch]].sum(axis=0)
-        row = fitting[int(np.argmax(rows.doc_vectors[rows.positive[fitting]] @ members))]
-        batch.append(row)
-        docs |= rows.docs[row]
-        forbidden |= rows.forbidden[query]
-        if nearness is not None:
-            near += nearness(query)
-    return batch if len(batch) == size else None
+        own = graph.rows_of_query(query)
+        candidates = np.concatenate([grouped[batch, slot], own[left[own]]])
+        value = rows.doc_vectors[rows.positive[candidates]] @ (query_sums[batch] - rows.query_vectors[query]).T
+        clash = (hits[candidates] @ membership[batch].T).toarray() > 0
+        # Forbidden; the batches' current rows bring no conflict, so an assignment without one exists.
+        value[clash] = -np.inf
+        chosen, into = linear_sum_assignment(value, maximize=True)
+        left[grouped[batch, slot]] = True
+        grouped[batch[into], slot[into]] = candidates[chosen]
+        left[candidates[chosen]] = False
+    return grouped
 
 
 def batch_hardness(rows: TrainingRows, order: np.ndarray, size: int) -> float:

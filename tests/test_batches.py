@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from conftest import cranfield_subset, refused, run_cli
 
-from miner.batches import TrainingRows, batch_hardness, order_batches
+from miner.batches import TrainingRows, batch_hardness, batches_possible, conflicts, order_batches
 from miner.ingest import ingest
 
 BATCH = 8
@@ -234,6 +234,46 @@ def test_batches_are_topic_clusters() -> None:
         for start in range(0, 32, 4):
             assert len({topics[rows.query[r]] for r in ordered.rows[start : start + 4]}) == 1
         assert batch_hardness(rows, ordered.rows, 4) > 0.9 > batch_hardness(rows, rng.permutation(32), 4)
+
+
+def test_a_ring_of_conflicting_neighbours_is_placed_whole() -> None:
+    """Six queries on a ring, each near its neighbours and sharing a labelled passage with the next one: the
+    nearest queries are exactly those a row may not meet. Batches of three place every row only as {0, 2, 4} and
+    {1, 3, 5}; a cluster grown from the nearest fitting row would take a neighbour's neighbour and strand the rest.
+    """
+    angles = np.arange(6) * np.pi / 3
+    query_vectors = np.zeros((6, 8), dtype=np.float32)
+    query_vectors[:, 0], query_vectors[:, 1] = np.cos(angles), np.sin(angles)
+    # Two rows per query, each with its own positive (passage 2q or 2q + 1) near its query; query q is answered by
+    # its own positives and by passage 12 + q, which the rows of query q - 1 bring as their negative.
+    queries = np.repeat(np.arange(6), 2)
+    docs = [{int(row), 12 + (int(q) + 1) % 6} for row, q in enumerate(queries)]
+    doc_vectors = np.zeros((18, 8), dtype=np.float32)
+    doc_vectors[:12] = query_vectors[queries]
+    doc_vectors[12:, 2] = 1.0
+    rows = TrainingRows(
+        query=queries,
+        positive=np.arange(12),
+        docs=[frozenset(d) for d in docs],
+        forbidden=[frozenset({2 * q, 2 * q + 1, 12 + q}) for q in range(6)],
+        query_vectors=query_vectors,
+        doc_vectors=doc_vectors,
+    )
+    assert batches_possible(np.bincount(queries), 3) == 4
+    for seed in (1, 2, 3):
+        ordered = order_batches(rows, size=3, seed=seed)
+        assert ordered.unplaced == 0 and sorted(ordered.rows.tolist()) == list(range(12))
+        for start in range(0, 12, 3):
+            batch = ordered.rows[start : start + 3].tolist()
+            assert not any(conflicts(rows, a, b) for a in batch for b in batch if a < b)
+            assert {int(rows.query[r]) for r in batch} in ({0, 2, 4}, {1, 3, 5})
+
+
+def test_the_counts_bound_the_batches() -> None:
+    # A query can be in at most every batch: 10 rows of one query and 2 of three others fill 2 batches of 4, not 4.
+    assert batches_possible(np.array([10, 2, 2, 2]), 4) == 2
+    assert batches_possible(np.array([3, 3, 3]), 3) == 3
+    assert batches_possible(np.array([5, 0]), 2) == 0
 
 
 @pytest.mark.parametrize(
