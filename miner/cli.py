@@ -201,7 +201,10 @@ def mine(
             "--trust-remote-code",
         ),
     ] = None,
-    encode_batch_size: Annotated[int | None, _opt("encode_batch_size", "encoding batch size [64]")] = None,
+    encode_batch_size: Annotated[
+        int | None,
+        _opt("encode_batch_size", "most texts an encoding batch holds; batches also stop at 2,048 padded tokens [64]"),
+    ] = None,
     precision: Annotated[
         str | None, _opt("precision", "auto | float32 | bfloat16; auto is bfloat16 on CPUs with bf16 units [auto]")
     ] = None,

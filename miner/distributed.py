@@ -74,7 +74,7 @@ def encode_shard(
 def score_shard(ref: ModelRef, shard: str, batch_size: int, cache_dir: str, model_key: str, threads: int) -> int:
     """Score one shard of distinct text pairs into the teacher cache."""
     chunk = pl.read_parquet(shard)
-    scored = score_chunk(_cross_encoder(ref, threads), chunk, batch_size=batch_size, show_progress=False)
+    scored = score_chunk(_cross_encoder(ref, threads), chunk, batch_size=batch_size)
     TeacherScoreCache(Path(cache_dir), precision=ref.precision).store(model_key, scored)
     return chunk.height
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,9 +320,9 @@ def teacher_precision(
     sample_pairs = todo.sort("query_hash", "passage_hash").head(precision.sample_size(todo.height))
     model = _cross_encoder(ref, config, show_progress=False)
     size = config.models.teacher_batch_size
-    full = score.score_chunk(model, sample_pairs, batch_size=size, show_progress=False)["teacher_score"].to_numpy()
+    full = score.score_chunk(model, sample_pairs, batch_size=size)["teacher_score"].to_numpy()
     cast(model, reduced.precision)
-    lowered = score.score_chunk(model, sample_pairs, batch_size=size, show_progress=False)["teacher_score"].to_numpy()
+    lowered = score.score_chunk(model, sample_pairs, batch_size=size)["teacher_score"].to_numpy()
     figures = precision.score_agreement(lowered, full, guard_floor(config))
     return _guarded(ref, reduced, record, figures, "cross-encoder", model)
 
@@ -448,32 +449,72 @@ def resolve_models(config: MineConfig) -> tuple[ModelRef, ModelRef | None]:
     return embedding, teacher
 
 
+class Background:
+    """`work()` on a daemon thread; `result()` waits for it and returns what it returned, or raises what it raised.
+
+    A daemon, so that an interrupted or failed run exits at once rather than after the work.
+    """
+
+    def __init__(self, work: Callable[[], Any], name: str) -> None:
+        self._done = threading.Event()
+        self._outcome: tuple[bool, Any] = (False, None)
+        threading.Thread(target=self._run, args=(work,), name=name, daemon=True).start()
+
+    def _run(self, work: Callable[[], Any]) -> None:
+        try:
+            self._outcome = (True, work())
+        except BaseException as error:  # handed to the caller, who decides
+            self._outcome = (False, error)
+        finally:
+            self._done.set()
+
+    def failed(self) -> bool:
+        return self._done.is_set() and not self._outcome[0]
+
+    def result(self) -> Any:
+        self._done.wait()
+        finished, value = self._outcome
+        if not finished:
+            raise value
+        return value
+
+
 def score_candidates(
     data: Ingested,
     config: MineConfig,
     run: StageRunner = run_directly,
     shards: ShardRunner | None = None,
     vectors_dir: Path | None = None,
+    concurrent_bm25: bool = False,
 ) -> Scored:
     """BM25 + dense candidates, merged, then teacher scores for every candidate and positive.
 
     With `shards` (a Dask cluster), encoding and cross-encoder scoring run on its workers first. With
-    `vectors_dir`, embeddings are kept in files there instead of in memory.
+    `vectors_dir`, embeddings are kept in files there instead of in memory. With `concurrent_bm25`, BM25 (the
+    JVM's start, indexing, search: mostly one core) runs beside loading the model and encoding, which start
+    as torch is imported (another core, mostly), instead of before them.
     """
     embedding_ref, teacher_ref = resolve_models(config)
     retrieval = config.retrieval
-    bm25, bm25_counts = searched(run, shards, "bm25", bm25_candidates, data, config) if retrieval.bm25 else (None, {})
+    search_bm25 = functools.partial(searched, run, shards, "bm25", bm25_candidates, data, config)
+    background = Background(search_bm25, "bm25") if retrieval.bm25 and concurrent_bm25 else None
+    if background is None:
+        bm25, bm25_counts = search_bm25() if retrieval.bm25 else (None, {})
     chosen_precision = {}
     if retrieval.dense or teacher_ref is None or config.filter.needs_geometry:
         embedding_ref, chosen_precision["embedding"] = run(
             "precision", embedding_precision, data, embedding_ref, config
         )
+    if background is not None and background.failed():
+        background.result()  # its error now, not after the encoding
     if shards is not None and retrieval.dense:
         distributed_embeddings(data, embedding_ref, config, shards)
     embeddings = run("embed", embed, data, embedding_ref, config, None, vectors_dir) if retrieval.dense else None
     dense, dense_index = None, {}
     if embeddings is not None:
         dense, dense_index = searched(run, shards, "dense", dense_candidates, embeddings, config)
+    if background is not None:
+        bm25, bm25_counts = background.result()
     pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k, bm25_pool_k=retrieval.bm25_k)
     pairs = score.teacher_pairs(pool, data.qrels)
     if embeddings is None and (teacher_ref is None or config.filter.needs_geometry):

@@ -134,6 +134,8 @@ def mine(
     `shards`, when given, runs the sharded stages (encoding, cross-encoder scoring) on workers.
     """
     timings: dict[str, float] = {}
+    # In-process stages may overlap; Prefect tasks keep their order (a task's run context lives in its thread).
+    overlap = run is run_directly and shards is None
     run = timed(run, timings)
     check_output_writable(config.out)
     resolve_models(config)  # a model that is not there, or not a cross-encoder, is refused before any work
@@ -146,7 +148,7 @@ def mine(
         store = StageStore(config.out, run_key(config, data.input_hashes))
         resumed: list[str] = []
         stage = resumable(run, store, resumed, skip=frozenset({"export"}))
-        scored = score_candidates(data, config, stage, shards, vectors_dir=store.folder)
+        scored = score_candidates(data, config, stage, shards, vectors_dir=store.folder, concurrent_bm25=overlap)
         chosen = select_negatives(scored, data, config, stage)
         manifest = stage("export", write_outputs, data, scored, chosen, config, timings, resumed)
         store.finish()

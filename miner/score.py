@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -9,7 +10,7 @@ import polars as pl
 import pyarrow as pa
 
 from miner import schema
-from miner.models import Embeddings, ModelHandle
+from miner.models import Embeddings, ModelHandle, progress_bar, token_batches, tokenized_lengths
 from miner.tables import rows_named
 from miner.vectors import row_dots
 
@@ -103,18 +104,38 @@ def scoring_chunks(
     return distinct, [todo.slice(start, TEACHER_CHUNK) for start in range(0, todo.height, TEACHER_CHUNK)]
 
 
-def score_chunk(model: CrossEncoder, chunk: pl.DataFrame, *, batch_size: int, show_progress: bool) -> pl.DataFrame:
-    """(query_hash, passage_hash, teacher_score) for one chunk of distinct text pairs."""
-    predicted = model.predict(
-        list(zip(chunk["query"].to_list(), chunk["passage"].to_list(), strict=True)),
-        batch_size=batch_size,
-        show_progress_bar=show_progress,
-        convert_to_numpy=True,
-    )
-    predicted = np.asarray(predicted, dtype=np.float32)
-    if predicted.ndim != 1:
-        raise ValueError(f"the cross-encoder returns {predicted.shape[-1]} scores per pair; a teacher needs one")
+def score_chunk(
+    model: CrossEncoder, chunk: pl.DataFrame, *, batch_size: int, advance: Callable[[int], object] | None = None
+) -> pl.DataFrame:
+    """(query_hash, passage_hash, teacher_score) for one chunk of distinct text pairs.
+
+    Batches are cut by the pairs' token lengths as the model truncates them (`models.token_batches`): at most
+    `batch_size` pairs, and a bounded number of padded tokens, which scored about twice as fast as full batches.
+    """
+    pairs = list(zip(chunk["query"].to_list(), chunk["passage"].to_list(), strict=True))
+    predicted = np.zeros(len(pairs), dtype=np.float32)
+    for rows in token_batches(pair_lengths(model, chunk), batch_size):
+        scores = np.asarray(
+            model.predict(
+                [pairs[row] for row in rows], batch_size=len(rows), show_progress_bar=False, convert_to_numpy=True
+            ),
+            dtype=np.float32,
+        )
+        if scores.ndim != 1:
+            raise ValueError(f"the cross-encoder returns {scores.shape[-1]} scores per pair; a teacher needs one")
+        predicted[rows] = scores
+        if advance is not None:
+            advance(len(rows))
     return chunk.select("query_hash", "passage_hash").with_columns(teacher_score=predicted)
+
+
+def pair_lengths(model: CrossEncoder, chunk: pl.DataFrame) -> np.ndarray:
+    """Each (query, passage) pair's length in the cross-encoder's tokens, as it truncates them."""
+    if chunk.height == 0:
+        return np.zeros(0, dtype=np.int64)
+    queries, passages = chunk["query"].to_list(), chunk["passage"].to_list()
+    cut = {"truncation": "longest_first", "max_length": model.max_length}
+    return tokenized_lengths(model.tokenizer, queries, passages, **cut)
 
 
 def cross_encoder_scores(
@@ -139,11 +160,14 @@ def cross_encoder_scores(
     scored = [
         distinct.filter(pl.col("teacher_score").is_not_null()).select("query_hash", "passage_hash", "teacher_score")
     ]
-    for chunk in chunks:
-        fresh = score_chunk(handle.model, chunk, batch_size=batch_size, show_progress=show_progress)
-        if cache is not None:
-            cache.store(model_key, fresh)
-        scored.append(fresh)
+    with progress_bar("Scoring pairs", sum(chunk.height for chunk in chunks), show_progress, unit="pair") as bar:
+        for chunk in chunks:
+            fresh = score_chunk(
+                handle.model, chunk, batch_size=batch_size, advance=bar.update if bar is not None else None
+            )
+            if cache is not None:
+                cache.store(model_key, fresh)
+            scored.append(fresh)
     frame = texts.join(pl.concat(scored), on=["query_hash", "passage_hash"], how="left")
     return schema.conform(frame.sort("query_id", "doc_id"), schema.TEACHER_SCORES)
 

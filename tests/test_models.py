@@ -11,12 +11,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_cli
 
 from miner.config import load_config
 from miner.errors import InputError
 from miner.lock import lock_path
+from miner.models import token_batches
 from miner.pipeline import resolve_models
 from miner.resume import work_dir
 
@@ -229,3 +231,19 @@ def test_trust_remote_code_loads_the_folders_own_class(
     # The class from the folder's own module, which only a load with trust_remote_code=True uses.
     assert type(model.model).__name__ == "MarkedBert"
     assert model.predict([("lift", "lift on a swept wing")]).shape == (1,)
+
+
+@pytest.mark.parametrize("most", [1, 3, 64])
+def test_token_batches_take_every_row_once_longest_first_within_both_bounds(most: int) -> None:
+    lengths = np.random.default_rng(7).integers(1, 700, size=500)
+    lengths[:5] = 3000  # longer than the budget: a batch of its own
+    batches = token_batches(lengths, most, tokens=2048)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(500))
+    assert (np.diff(lengths[rows]) <= 0).all()
+    for batch in batches:
+        assert 1 <= len(batch) <= most
+        assert len(batch) == 1 or len(batch) * lengths[batch].max() <= 2048
+    # Short texts fill batches up to `most`: the budget does not cut them small.
+    short = token_batches(np.full(200, 10), most, tokens=2048)
+    assert [len(batch) for batch in short[:-1]] == [most] * (len(short) - 1)
