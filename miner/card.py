@@ -82,12 +82,13 @@ def _jsonl_lines(files: list[str]) -> list[str]:
     jsonl = [file for file in files if file.endswith(".jsonl")]
     if not jsonl:
         return []
+    names = _config_names()
     return [
         "Files for other trainers' own readers, one JSON object per line. A dataset folder has one file format,",
         "so each also has a Parquet copy with the same rows, which its config name loads:",
         "",
         *[
-            f"- `{file}` (config `{_config_names()[formats.DATASET_TWINS[file]]}`: `{formats.DATASET_TWINS[file]}`)"
+            f"- `{file}` (config `{names[formats.DATASET_TWINS[file]]}`: `{formats.DATASET_TWINS[file]}`)"
             for file in jsonl
         ],
         "",

@@ -15,9 +15,10 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -44,6 +45,7 @@ from miner.models import (
     Embeddings,
     ModelHandle,
     ModelRef,
+    Prompt,
     cast,
     check_cross_encoder,
     embed_table,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 StageRunner = Callable[..., Any]
+T = TypeVar("T")
 
 
 def run_directly(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -185,7 +188,7 @@ def embed(
     def allocator(kind: str) -> Allocator:
         return on_disk(vectors_dir / f"vectors-{kind}.npy") if vectors_dir is not None else in_memory
 
-    models = config.models
+    prompts = prompts_of(config)
     return (
         embed_table(
             model,
@@ -193,7 +196,7 @@ def embed(
             id_column="query_id",
             kind="query",
             allocate=allocator("query"),
-            prompt=(models.query_prompt, models.query_prompt_name),
+            prompt=prompts["query"],
             **options,
         ),
         embed_table(
@@ -202,10 +205,19 @@ def embed(
             id_column="doc_id",
             kind="document",
             allocate=allocator("document"),
-            prompt=(models.document_prompt, models.document_prompt_name),
+            prompt=prompts["document"],
             **options,
         ),
     )
+
+
+def prompts_of(config: MineConfig) -> dict[str, Prompt]:
+    """The embedding model's prompt for each kind of text, as the config gives it."""
+    models = config.models
+    return {
+        "query": (models.query_prompt, models.query_prompt_name),
+        "document": (models.document_prompt, models.document_prompt_name),
+    }
 
 
 # A model the precision guard loaded and cast to the precision it then passed, by the ref it now matches: the
@@ -267,9 +279,7 @@ def embedding_precision(data: Ingested, ref: ModelRef, config: MineConfig) -> tu
         return reduced, {**record, "guard": "not run: every text was in the cache at this precision"}
     model = _embedding_model(ref, config, show_progress=False)
     size = config.models.batch_size
-    models = config.models
-    prompts = {"query": (models.query_prompt, models.query_prompt_name)}
-    prompts["document"] = (models.document_prompt, models.document_prompt_name)
+    prompts = prompts_of(config)
 
     def vectors(table: pa.Table, kind: str) -> np.ndarray:
         return encode_chunk(model, table["text"], kind=kind, batch_size=size, prompt=prompts[kind])[0]
@@ -449,34 +459,26 @@ def resolve_models(config: MineConfig) -> tuple[ModelRef, ModelRef | None]:
     return embedding, teacher
 
 
-class Background:
-    """`work()` on a daemon thread; `result()` waits for it and returns what it returned, or raises what it raised.
+def in_background(work: Callable[[], T], name: str) -> Future[T]:
+    """`work()` on a daemon thread, as a future: a daemon, so that an interrupted or failed run exits at once
+    rather than after the work."""
+    future: Future[T] = Future()
 
-    A daemon, so that an interrupted or failed run exits at once rather than after the work.
-    """
-
-    def __init__(self, work: Callable[[], Any], name: str) -> None:
-        self._done = threading.Event()
-        self._outcome: tuple[bool, Any] = (False, None)
-        threading.Thread(target=self._run, args=(work,), name=name, daemon=True).start()
-
-    def _run(self, work: Callable[[], Any]) -> None:
+    def run() -> None:
         try:
-            self._outcome = (True, work())
-        except BaseException as error:  # handed to the caller, who decides
-            self._outcome = (False, error)
-        finally:
-            self._done.set()
+            future.set_result(work())
+        except BaseException as error:  # handed to whoever takes the result
+            future.set_exception(error)
 
-    def failed(self) -> bool:
-        return self._done.is_set() and not self._outcome[0]
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
-    def result(self) -> Any:
-        self._done.wait()
-        finished, value = self._outcome
-        if not finished:
-            raise value
-        return value
+
+def finished(value: T) -> Future[T]:
+    """A future that already holds `value`."""
+    future: Future[T] = Future()
+    future.set_result(value)
+    return future
 
 
 def score_candidates(
@@ -497,24 +499,26 @@ def score_candidates(
     embedding_ref, teacher_ref = resolve_models(config)
     retrieval = config.retrieval
     search_bm25 = functools.partial(searched, run, shards, "bm25", bm25_candidates, data, config)
-    background = Background(search_bm25, "bm25") if retrieval.bm25 and concurrent_bm25 else None
-    if background is None:
-        bm25, bm25_counts = search_bm25() if retrieval.bm25 else (None, {})
+    if not retrieval.bm25:
+        bm25_search = finished((None, {}))
+    elif concurrent_bm25:
+        bm25_search = in_background(search_bm25, "bm25")
+    else:
+        bm25_search = finished(search_bm25())
     chosen_precision = {}
     if retrieval.dense or teacher_ref is None or config.filter.needs_geometry:
         embedding_ref, chosen_precision["embedding"] = run(
             "precision", embedding_precision, data, embedding_ref, config
         )
-    if background is not None and background.failed():
-        background.result()  # its error now, not after the encoding
+    if bm25_search.done() and bm25_search.exception() is not None:
+        bm25_search.result()  # its error now, not after the encoding
     if shards is not None and retrieval.dense:
         distributed_embeddings(data, embedding_ref, config, shards)
     embeddings = run("embed", embed, data, embedding_ref, config, None, vectors_dir) if retrieval.dense else None
     dense, dense_index = None, {}
     if embeddings is not None:
         dense, dense_index = searched(run, shards, "dense", dense_candidates, embeddings, config)
-    if background is not None:
-        bm25, bm25_counts = background.result()
+    bm25, bm25_counts = bm25_search.result()
     pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k, bm25_pool_k=retrieval.bm25_k)
     pairs = score.teacher_pairs(pool, data.qrels)
     if embeddings is None and (teacher_ref is None or config.filter.needs_geometry):
