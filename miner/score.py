@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow as pa
 
 from miner import schema
-from miner.models import Embeddings, ModelHandle, progress_bar, token_batches, tokenized_lengths
+from miner.models import Embeddings, ModelHandle, in_batches, progress_bar, token_batches, tokenized_lengths
 from miner.tables import rows_named
 from miner.vectors import row_dots
 
@@ -114,18 +114,20 @@ def score_chunk(
     """
     pairs = list(zip(chunk["query"].to_list(), chunk["passage"].to_list(), strict=True))
     predicted = np.zeros(len(pairs), dtype=np.float32)
-    for rows in token_batches(pair_lengths(model, chunk), batch_size):
-        scores = np.asarray(
-            model.predict(
-                [pairs[row] for row in rows], batch_size=len(rows), show_progress_bar=False, convert_to_numpy=True
-            ),
-            dtype=np.float32,
-        )
+
+    def scored(rows: np.ndarray) -> np.ndarray:
+        batch = [pairs[row] for row in rows]
+        scores = model.predict(batch, batch_size=len(rows), show_progress_bar=False, convert_to_numpy=True)
+        return np.asarray(scores, dtype=np.float32)
+
+    def take(rows: np.ndarray, scores: np.ndarray) -> None:
         if scores.ndim != 1:
             raise ValueError(f"the cross-encoder returns {scores.shape[-1]} scores per pair; a teacher needs one")
         predicted[rows] = scores
         if advance is not None:
             advance(len(rows))
+
+    in_batches(token_batches(pair_lengths(model, chunk), batch_size), scored, take)
     return chunk.select("query_hash", "passage_hash").with_columns(teacher_score=predicted)
 
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from conftest import run_cli
 from miner.config import load_config
 from miner.errors import InputError
 from miner.lock import lock_path
-from miner.models import token_batches
+from miner.models import encode, encode_chunk, in_batches, token_batches
 from miner.pipeline import resolve_models
 from miner.resume import work_dir
 
@@ -247,3 +248,54 @@ def test_token_batches_take_every_row_once_longest_first_within_both_bounds(most
     # Short texts fill batches up to `most`: the budget does not cut them small.
     short = token_batches(np.full(200, 10), most, tokens=2048)
     assert [len(batch) for batch in short[:-1]] == [most] * (len(short) - 1)
+
+
+def test_batches_side_by_side_give_the_vectors_of_one_batch_after_another(embedding_model) -> None:
+    import pyarrow as pa
+    import torch
+
+    texts = [f"{'boundary layer ' * (i % 9)}flow over a wing number {i}" for i in range(60)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vectors, _ = encode_chunk(embedding_model, pa.array(texts), kind="document", batch_size=8)
+        assert torch.get_num_threads() == 2  # the run's setting is back
+        lengths = np.asarray([len(embedding_model.tokenizer(t)["input_ids"]) for t in texts])
+        torch.set_num_threads(1)  # each batch's share of 2 threads: one
+        for rows in token_batches(lengths, 8):
+            alone = encode(
+                embedding_model, [texts[r] for r in rows], kind="document", batch_size=8, show_progress=False
+            )
+            np.testing.assert_array_equal(vectors[rows], alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_batches_side_by_side_are_taken_in_order_on_the_calling_thread_and_an_error_stops_them() -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = [np.arange(i, i + 1) for i in range(12)]
+        taken: list[tuple[int, str]] = []
+        in_batches(
+            batches, lambda rows: int(rows[0]) * 2, lambda rows, x: taken.append((x, threading.current_thread().name))
+        )
+        assert taken == [(2 * i, threading.current_thread().name) for i in range(12)]
+
+        computed: list[int] = []
+
+        def failing(rows: np.ndarray) -> int:
+            if rows[0] == 3:
+                raise ValueError("batch 3")
+            time.sleep(0.01)
+            computed.append(int(rows[0]))
+            return 0
+
+        with pytest.raises(ValueError, match="batch 3"):
+            in_batches([np.arange(i, i + 1) for i in range(400)], failing, lambda rows, x: None)
+        assert len(computed) < 100  # of 399: the batches not yet started were dropped
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
