@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -49,10 +50,10 @@ from miner.models import (
     cast,
     check_cross_encoder,
     embed_table,
-    encode_chunk,
     load_cross_encoder,
     load_embedding_model,
     model_key,
+    prompted_model_key,
     resolve_model,
 )
 from miner.resume import work_dir
@@ -249,45 +250,71 @@ def guard_floor(config: MineConfig) -> precision.GuardFloor:
     return precision.GuardFloor(models.guard_min_cosine, models.guard_min_overlap, models.guard_min_rank_correlation)
 
 
-def _uncached_sample(table: pa.Table, ref: ModelRef, kind: str, config: MineConfig) -> pa.Table:
-    """The guard's texts of `table`: those with the smallest hashes among the texts the cache lacks at `ref`'s
-    precision, so the same texts whatever order the input lists them in."""
-    hashes = table.column("text_hash")
-    cache = embedding_cache(ref, config)
-    if cache is not None:
-        _, found, _ = cache.lookup(model_key(ref), kind, hashes, allocate=None)
-        hashes = hashes.filter(pa.array(~found))
-    missing = pl.Series("text_hash", hashes, dtype=pl.String).unique().sort()
-    chosen = missing.head(precision.sample_size(len(missing))).to_arrow()
+def _guard_sample(table: pa.Table) -> pa.Table:
+    """The guard's texts of `table` (text_hash, text): those with the smallest hashes, so the same texts whatever
+    order the input lists them in and whatever the cache holds. A resumed run checks the texts the interrupted
+    one did, in the same batches, so their vectors are the same."""
+    hashes = pl.Series("text_hash", table.column("text_hash"), dtype=pl.String).unique().sort()
+    chosen = hashes.head(precision.sample_size(len(hashes))).to_arrow()
     texts = pl.from_arrow(rows_named(table, "text_hash", chosen).select(["text_hash", "text"]))
     assert isinstance(texts, pl.DataFrame)
     return texts.unique("text_hash").sort("text_hash").to_arrow()
 
 
+def _all_cached(data: Ingested, ref: ModelRef, config: MineConfig) -> bool:
+    cache = embedding_cache(ref, config)
+    if cache is None:
+        return False
+    prompts = prompts_of(config)
+    for table, kind in ((data.queries, "query"), (data.corpus, "document")):
+        key = prompted_model_key(model_key(ref), kind, prompts[kind])
+        _, found, _ = cache.lookup(key, kind, table.column("text_hash"), allocate=None)
+        if not found.all():
+            return False
+    return True
+
+
 def embedding_precision(data: Ingested, ref: ModelRef, config: MineConfig) -> tuple[ModelRef, dict[str, Any]]:
     """The embedding model at the precision the run will use, and the record of why.
 
-    For bfloat16, a fixed sample of the texts still to encode is encoded at float32 and at bfloat16 first; the
-    run keeps bfloat16 only when the two agree (miner/precision.py). Nothing to encode: nothing to check.
+    For bfloat16, a fixed sample of the texts is encoded at float32 and at bfloat16 first; the run keeps bfloat16
+    only when the two agree (miner/precision.py). Both sides go to the cache like any other vectors: the encoding
+    stage then does not encode the sample again, and a later run on the same texts checks at no cost. Nothing to
+    encode: nothing to check.
     """
     reduced, record = _chosen(ref, config)
     if reduced is None:
         return ref, record
-    queries = _uncached_sample(data.queries, reduced, "query", config)
-    documents = _uncached_sample(data.corpus, reduced, "document", config)
-    if queries.num_rows + documents.num_rows == 0:
+    if _all_cached(data, reduced, config):
         return reduced, {**record, "guard": "not run: every text was in the cache at this precision"}
+    queries, documents = _guard_sample(data.queries), _guard_sample(data.corpus)
     model = _embedding_model(ref, config, show_progress=False)
-    size = config.models.batch_size
     prompts = prompts_of(config)
 
-    def vectors(table: pa.Table, kind: str) -> np.ndarray:
-        return encode_chunk(model, table["text"], kind=kind, batch_size=size, prompt=prompts[kind])[0]
+    def vectors(at: ModelRef, table: pa.Table, kind: str) -> Embeddings:
+        return embed_table(
+            model,
+            table,
+            id_column="text_hash",
+            kind=kind,
+            batch_size=config.models.batch_size,
+            show_progress=False,
+            cache=embedding_cache(at, config),
+            model_key=model_key(at),
+            prompt=prompts[kind],
+        )
 
-    full = vectors(queries, "query"), vectors(documents, "document")
+    started = time.perf_counter()
+    full = vectors(ref, queries, "query"), vectors(ref, documents, "document")
+    reference_seconds = time.perf_counter() - started
     cast(model, reduced.precision)
-    reduced_vectors = vectors(queries, "query"), vectors(documents, "document")
-    figures = precision.vector_agreement(reduced_vectors[0], full[0], reduced_vectors[1], full[1], guard_floor(config))
+    lowered = vectors(reduced, queries, "query"), vectors(reduced, documents, "document")
+    (query_low, doc_low), (query_full, doc_full) = ([side.vectors for side in pair] for pair in (lowered, full))
+    figures = precision.vector_agreement(query_low, query_full, doc_low, doc_full, guard_floor(config))
+    # What the guard encoded at the run's precision, which the encoding stage then found in the cache; and
+    # what the guard itself cost, its float32 reference (the rest of the stage is encoding the run needs).
+    figures["encoded"] = {"queries": lowered[0].encoded, "documents": lowered[1].encoded}
+    figures["float32_seconds"] = round(reference_seconds, 3)
     return _guarded(ref, reduced, record, figures, "embedding model", model)
 
 
@@ -316,24 +343,38 @@ def _guarded(
 def teacher_precision(
     pairs: pa.Table, data: Ingested, ref: ModelRef, config: MineConfig
 ) -> tuple[ModelRef, dict[str, Any]]:
-    """The cross-encoder at the precision the run will use: as `embedding_precision`, on a fixed sample of the
-    text pairs still to score, compared by the rank correlation of their scores."""
+    """The cross-encoder at the precision the run will use: as `embedding_precision`, on the text pairs with the
+    smallest hashes, compared by the rank correlation of their scores; both sides go to the cache."""
     reduced, record = _chosen(ref, config)
     if reduced is None:
         return ref, record
-    _, chunks = score.scoring_chunks(
-        score.pair_texts(pairs, data.queries, data.corpus), teacher_cache(reduced, config), model_key(reduced)
-    )
-    todo = pl.concat(chunks) if chunks else pl.DataFrame()
-    if todo.height == 0:
+    texts = score.pair_texts(pairs, data.queries, data.corpus)
+    if not score.scoring_chunks(texts, teacher_cache(reduced, config), model_key(reduced))[1]:
         return reduced, {**record, "guard": "not run: every pair was in the cache at this precision"}
-    sample_pairs = todo.sort("query_hash", "passage_hash").head(precision.sample_size(todo.height))
+    keys = ["query_hash", "passage_hash"]
+    distinct = texts.unique(keys).sort(keys)
+    sample_pairs = distinct.head(precision.sample_size(distinct.height))
     model = _cross_encoder(ref, config, show_progress=False)
-    size = config.models.teacher_batch_size
-    full = score.score_chunk(model, sample_pairs, batch_size=size)["teacher_score"].to_numpy()
+
+    def scores(at: ModelRef) -> tuple[np.ndarray, int]:
+        cache, key = teacher_cache(at, config), model_key(at)
+        found, chunks = score.scoring_chunks(sample_pairs, cache, key)
+        fresh = [score.score_chunk(model, chunk, batch_size=config.models.teacher_batch_size) for chunk in chunks]
+        if cache is not None:
+            for scored in fresh:
+                cache.store(key, scored)
+        known = pl.concat([found.filter(pl.col("teacher_score").is_not_null()).select(*keys, "teacher_score"), *fresh])
+        ordered = sample_pairs.select(keys).join(known, on=keys, how="left")
+        return ordered["teacher_score"].to_numpy(), sum(scored.height for scored in fresh)
+
+    started = time.perf_counter()
+    full, _ = scores(ref)
+    reference_seconds = time.perf_counter() - started
     cast(model, reduced.precision)
-    lowered = score.score_chunk(model, sample_pairs, batch_size=size)["teacher_score"].to_numpy()
+    lowered, encoded = scores(reduced)
     figures = precision.score_agreement(lowered, full, guard_floor(config))
+    figures["scored"] = encoded
+    figures["float32_seconds"] = round(reference_seconds, 3)
     return _guarded(ref, reduced, record, figures, "cross-encoder", model)
 
 
@@ -551,7 +592,7 @@ def score_candidates(
         counts={
             "candidates": counts,
             "teacher": {"pairs_scored": scores.num_rows},
-            "embeddings": _embedding_counts(embeddings),
+            "embeddings": _embedding_counts(embeddings, chosen_precision.get("embedding", {}).get("guard")),
             "bm25_index": bm25_counts,
             "dense_index": dense_index,
         },
@@ -559,13 +600,16 @@ def score_candidates(
     )
 
 
-def _embedding_counts(embeddings: tuple[Embeddings, Embeddings] | None) -> dict[str, int]:
+def _embedding_counts(embeddings: tuple[Embeddings, Embeddings] | None, guard: Any = None) -> dict[str, int]:
+    """Texts encoded by this run (by the precision guard or the encoding stage) and texts the cache gave."""
     if embeddings is None:
         return {}
+    by_guard = guard.get("encoded", {}) if isinstance(guard, dict) else {}
     counts = {}
     for kind, table in zip(("queries", "documents"), embeddings, strict=True):
-        counts[f"{kind}_encoded"] = table.encoded
-        counts[f"{kind}_from_cache_or_duplicates"] = len(table.ids) - table.encoded
+        encoded = min(len(table.ids), table.encoded + by_guard.get(kind, 0))
+        counts[f"{kind}_encoded"] = encoded
+        counts[f"{kind}_from_cache_or_duplicates"] = len(table.ids) - encoded
         counts[f"{kind}_truncated"] = table.truncated
     return counts
 

@@ -139,13 +139,18 @@ def test_caches_never_mix_precisions_and_a_warm_run_skips_the_guard(tiny_beir: P
         assert code == 0, stderr
         return json.loads((tmp_path / out / "manifest.json").read_text())
 
-    queries = ingest(tiny_beir).queries.num_rows
+    data = ingest(tiny_beir)
+    queries, documents = data.queries.num_rows, data.corpus.num_rows
     first = mine("a", "bfloat16")
     assert first["counts"]["embeddings"]["queries_encoded"] == queries
-    assert first["precision"]["embedding"]["guard"]["passed"]
-    # float32 finds none of the bfloat16 vectors, and encodes everything again.
+    assert first["counts"]["embeddings"]["documents_encoded"] == documents
+    guard = first["precision"]["embedding"]["guard"]
+    assert guard["passed"] and guard["encoded"] == {"queries": queries, "documents": 32}
+    # float32 finds none of the bfloat16 vectors: only the float32 vectors the guard computed for its sample
+    # (every query of this small set, 32 documents); it encodes everything else again.
     full = mine("b", "float32")
-    assert full["counts"]["embeddings"]["queries_encoded"] == queries
+    assert full["counts"]["embeddings"]["queries_encoded"] == 0
+    assert full["counts"]["embeddings"]["documents_encoded"] == documents - 32
     assert full["precision"]["embedding"] == {**full["precision"]["embedding"], "precision": "float32", "guard": None}
     # bfloat16 again: everything cached at its precision, so nothing to encode and nothing to check.
     warm = mine("c", "bfloat16")
