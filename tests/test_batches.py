@@ -13,7 +13,16 @@ import polars as pl
 import pytest
 from conftest import cranfield_subset, refused, run_cli
 
-from miner.batches import TrainingRows, batch_hardness, batches_possible, conflicts, order_batches
+from miner.batches import (
+    TrainingRows,
+    _Exchanges,
+    batch_conflicts,
+    batch_hardness,
+    batches_possible,
+    conflict_graph,
+    conflicts,
+    order_batches,
+)
 from miner.ingest import ingest
 
 BATCH = 8
@@ -267,6 +276,81 @@ def test_a_ring_of_conflicting_neighbours_is_placed_whole() -> None:
             batch = ordered.rows[start : start + 3].tolist()
             assert not any(conflicts(rows, a, b) for a in batch for b in batch if a < b)
             assert {int(rows.query[r]) for r in batch} in ({0, 2, 4}, {1, 3, 5})
+
+
+def _random_rows(rng: np.random.Generator, queries: int = 12, count: int = 40, passages: int = 60) -> TrainingRows:
+    """Rows of random unit vectors, each bringing its positive and one other passage; each query is answered by three
+    random passages, so some rows conflict and a few stay unplaced."""
+    query_vectors = rng.standard_normal((queries, 6))
+    doc_vectors = rng.standard_normal((passages, 6))
+    positive = rng.integers(0, passages, count)
+    return TrainingRows(
+        query=rng.integers(0, queries, count),
+        positive=positive,
+        docs=[frozenset({int(p), int(rng.integers(0, passages))}) for p in positive],
+        forbidden=[frozenset(rng.choice(passages, 3, replace=False).tolist()) for _ in range(queries)],
+        query_vectors=(query_vectors / np.linalg.norm(query_vectors, axis=1, keepdims=True)).astype(np.float32),
+        doc_vectors=(doc_vectors / np.linalg.norm(doc_vectors, axis=1, keepdims=True)).astype(np.float32),
+    )
+
+
+def test_exchanges_keep_batches_conflict_free_and_never_lower_hardness() -> None:
+    rng = np.random.default_rng(7)
+    raised = 0
+    for seed in range(20):
+        rows = _random_rows(rng)
+        greedy = order_batches(rows, size=3, seed=seed, exchange_passes=0)
+        exchanged = order_batches(rows, size=3, seed=seed)
+        assert exchanged.rows.tolist() == order_batches(rows, size=3, seed=seed).rows.tolist()  # seeded
+        assert exchanged.unplaced == greedy.unplaced and len(set(exchanged.rows.tolist())) == len(exchanged.rows)
+        assert batch_conflicts(rows, exchanged.rows, 3) == 0
+        before, after = batch_hardness(rows, greedy.rows, 3), batch_hardness(rows, exchanged.rows, 3)
+        assert after >= before - 1e-6
+        raised += after > before + 1e-6
+    assert raised >= 10  # and it does find gains: the greedy build leaves some
+
+
+def _hardness_sum(rows: TrainingRows, grouped: np.ndarray) -> float:
+    query = rows.query_vectors[rows.query[grouped]].astype(np.float64)
+    positive = rows.doc_vectors[rows.positive[grouped]].astype(np.float64)
+    similarity = np.einsum("bid,bjd->bij", query, positive)
+    return float(similarity.sum() - np.trace(similarity, axis1=1, axis2=2).sum())
+
+
+def test_an_exchange_gain_is_what_the_swap_adds_and_minus_infinity_is_a_conflict() -> None:
+    """Against brute force: every swap of a row with every other row (placed elsewhere or unplaced)."""
+    rng = np.random.default_rng(3)
+    checked = unplaced_checked = 0
+    for seed in range(12):
+        rows = _random_rows(rng)
+        grouped = order_batches(rows, size=3, seed=seed, exchange_passes=0).rows.reshape(-1, 3)
+        left = np.ones(len(rows.query), dtype=bool)
+        left[grouped.reshape(-1)] = False
+        state = _Exchanges.of(rows, conflict_graph(rows), grouped, left)
+        for _ in range(5):
+            row = int(rng.choice(state.grouped_rows.reshape(-1)))
+            gains = state.gains(row)
+            before = _hardness_sum(rows, state.grouped_rows)
+            for other in range(len(rows.query)):
+                swapped = state.grouped_rows.copy()
+                swapped[swapped == row], swapped[swapped == other] = -1, row
+                swapped[swapped == -1] = other
+                if state.batch_of[other] == state.batch_of[row]:
+                    assert gains[other] == -np.inf
+                    continue
+                conflict = any(conflicts(rows, a, b) for batch in swapped for a in batch for b in batch if a < b)
+                if conflict:
+                    assert gains[other] == -np.inf
+                    continue
+                assert gains[other] == pytest.approx(_hardness_sum(rows, swapped) - before, abs=1e-5)
+                checked += 1
+                unplaced_checked += bool(left[other])
+            partner, gain = state.best_partner(row)
+            if partner >= 0:
+                state.exchange(row, partner)
+                left[[row, partner]] = left[[partner, row]]
+                assert _hardness_sum(rows, state.grouped_rows) == pytest.approx(before + gain, abs=1e-5)
+    assert checked > 500 and unplaced_checked > 20, (checked, unplaced_checked)
 
 
 def test_the_counts_bound_the_batches() -> None:
