@@ -5,6 +5,7 @@ file's own order."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -389,3 +390,18 @@ def test_a_run_without_embeddings_encodes_what_batching_needs(
     assert stats["batched-triplets.rows_placed"] == batched.height > 0
     assert stats["batched-triplets.conflicts"] == 0
     assert 0 < stats["batched-triplets.hardness"] <= 1  # real vectors, not the zeros of a missing embedding
+
+
+def test_above_the_row_bound_the_exchanges_are_left_out_and_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import miner.batches
+
+    rows = _random_rows(np.random.default_rng(11))
+    greedy = order_batches(rows, size=3, seed=1, exchange_passes=0)
+    assert order_batches(rows, size=3, seed=1).rows.tolist() != greedy.rows.tolist()  # the passes change this one
+    monkeypatch.setattr(miner.batches, "EXCHANGE_MAX_ROWS", len(rows.query) - 1)
+    with caplog.at_level(logging.INFO, logger="miner.batches"):
+        bounded = order_batches(rows, size=3, seed=1)
+    assert bounded.rows.tolist() == greedy.rows.tolist()
+    assert "exchanges between batches left out" in caplog.text
