@@ -169,8 +169,8 @@ def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
     from miner.candidates import candidate_pool
     from miner.config import MineConfig
     from miner.ingest import ingest
-    from miner.models import ModelHandle, load_cross_encoder, resolve_model
-    from miner.pipeline import dense_candidates, embed, teacher_precision
+    from miner.models import ModelHandle, load_cross_encoder, model_key, resolve_model
+    from miner.pipeline import dense_candidates, embed, teacher_cache, teacher_precision
     from miner.score import cross_encoder_scores, teacher_pairs
 
     given = ingest(data)
@@ -207,12 +207,27 @@ def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
     row: dict[str, Any] = {"pairs": loop_pairs, "loop_s": loop_s}
     ref = resolve_model(str(folder))
     for precision in PRECISIONS:
-        chosen_config = config.model_copy(update={"models": config.models.model_copy(update={"precision": precision})})
-        # The guard as a run does it, timed with the stage: it is part of what auto costs.
+        chosen_config = config.model_copy(
+            update={
+                "models": config.models.model_copy(update={"precision": precision}),
+                "cache_dir": work / f"cache-teacher-{precision}",
+            }
+        )
+        # The guard as a run does it, timed with the stage: it is part of what auto costs. As in a run, the
+        # scoring finds the guard's sample in the cache (each precision has a cache of its own, empty at first).
         started = time.perf_counter()
         used, record = teacher_precision(pairs, given, ref, chosen_config)
         model = ModelHandle(lambda used=used: load_cross_encoder(used, show_progress=False))
-        scores = cross_encoder_scores(pairs, given.queries, given.corpus, model, batch_size=128, show_progress=False)
+        scores = cross_encoder_scores(
+            pairs,
+            given.queries,
+            given.corpus,
+            model,
+            batch_size=128,
+            show_progress=False,
+            cache=teacher_cache(used, chosen_config),
+            model_key=model_key(used),
+        )
         row[f"{precision}_s"] = time.perf_counter() - started
         row[f"{precision}_record"] = record
         assert np.isfinite(scores["teacher_score"].to_numpy()).all()
