@@ -377,12 +377,16 @@ class ModelHandle(Generic[M]):
         return self._model is not None
 
 
-def encoding_chunks(table: pa.Table, found: np.ndarray) -> tuple[dict[str, list[int]], list[list[str]]]:
+def encoding_chunks(
+    table: pa.Table, found: np.ndarray, first: frozenset[str] = frozenset()
+) -> tuple[dict[str, list[int]], list[list[str]]]:
     """The texts still to encode, as (text hash -> rows carrying it, chunks of text hashes).
 
     Longest first across the whole table, so batches pad to similar lengths. The chunks depend only on what is
     missing, so an interrupted run, a resumed one and one spread over Dask workers encode exactly the same
-    batches and get exactly the same floats.
+    batches and get exactly the same floats. The missing texts among `first` (the precision guard's sample)
+    make a chunk of their own, ahead: the batches the guard encoded them in, which a run with a cache takes
+    from the cache.
     """
     rows_of: dict[str, list[int]] = {}
     # Only the rows still to encode go through Python: a warm run over a million documents has none.
@@ -396,7 +400,10 @@ def encoding_chunks(table: pa.Table, found: np.ndarray) -> tuple[dict[str, list[
         [pa.compute.utf8_length(chunk).to_numpy(zero_copy_only=False) for chunk in scanned(table.column("text"))]
     )
     missing = sorted(rows_of, key=lambda text_hash: (-lengths[rows_of[text_hash][0]], text_hash))
-    return rows_of, [missing[start : start + ENCODE_CHUNK] for start in range(0, len(missing), ENCODE_CHUNK)]
+    ahead = [text_hash for text_hash in missing if text_hash in first]
+    missing = [text_hash for text_hash in missing if text_hash not in first] if ahead else missing
+    chunks = [missing[start : start + ENCODE_CHUNK] for start in range(0, len(missing), ENCODE_CHUNK)]
+    return rows_of, [ahead, *chunks] if ahead else chunks
 
 
 # Padded tokens per batch, the longest text's length times the batch's texts. A batch's activations (about
@@ -522,11 +529,13 @@ def embed_table(
     model_key: str = "",
     allocate: Allocator = in_memory,
     prompt: Prompt = None,
+    first: frozenset[str] = frozenset(),
 ) -> Embeddings:
     """Embed a table's `text`; each distinct text (by `text_hash`) once, and only if the cache lacks it.
 
     `allocate` makes the matrix the vectors go into: `vectors.on_disk` keeps a large corpus out of memory.
-    `prompt` (text, name) replaces the model's own prompt for `kind`, and keys the cache.
+    `prompt` (text, name) replaces the model's own prompt for `kind`, and keys the cache. `first`: see
+    `encoding_chunks`.
     """
     handle = ModelHandle.of(model)
     model_key = prompted_model_key(model_key, kind, prompt)
@@ -534,7 +543,7 @@ def embed_table(
     vectors, found, truncated = None, np.zeros(rows, dtype=bool), np.zeros(rows, dtype=bool)
     if cache is not None:
         vectors, found, truncated = cache.lookup(model_key, kind, table.column("text_hash"), allocate)
-    rows_of, chunks = encoding_chunks(table, found)
+    rows_of, chunks = encoding_chunks(table, found, first)
     if chunks and vectors is None:
         vectors = allocate(rows, handle.model.get_embedding_dimension() or 0)
     # Chunks go to the cache as they finish, so a killed run re-encodes at most one chunk.

@@ -171,10 +171,13 @@ def embed(
     config: MineConfig,
     doc_ids: pa.Array | None = None,
     vectors_dir: Path | None = None,
+    guarded: bool = False,
 ) -> tuple[Embeddings, Embeddings]:
     """Query and document embeddings; `doc_ids` limits the documents (when only the teacher needs them).
 
     With `vectors_dir` the vectors are `.npy` files there, memory-mapped, rather than arrays in memory.
+    `guarded`: the precision guard encoded its sample, which is then encoded in the guard's own batches (or
+    found in the cache), so the rows do not depend on whether there is a cache.
     """
 
     corpus = _documents(data, doc_ids)
@@ -190,6 +193,10 @@ def embed(
         return on_disk(vectors_dir / f"vectors-{kind}.npy") if vectors_dir is not None else in_memory
 
     prompts = prompts_of(config)
+
+    def sample(table: pa.Table) -> frozenset[str]:
+        return frozenset(_guard_sample(table)["text_hash"].to_pylist()) if guarded else frozenset()
+
     return (
         embed_table(
             model,
@@ -198,6 +205,7 @@ def embed(
             kind="query",
             allocate=allocator("query"),
             prompt=prompts["query"],
+            first=sample(data.queries),
             **options,
         ),
         embed_table(
@@ -207,6 +215,7 @@ def embed(
             kind="document",
             allocate=allocator("document"),
             prompt=prompts["document"],
+            first=sample(data.corpus),
             **options,
         ),
     )
@@ -311,9 +320,10 @@ def embedding_precision(data: Ingested, ref: ModelRef, config: MineConfig) -> tu
     lowered = vectors(reduced, queries, "query"), vectors(reduced, documents, "document")
     (query_low, doc_low), (query_full, doc_full) = ([side.vectors for side in pair] for pair in (lowered, full))
     figures = precision.vector_agreement(query_low, query_full, doc_low, doc_full, guard_floor(config))
-    # What the guard encoded at the run's precision, which the encoding stage then found in the cache; and
-    # what the guard itself cost, its float32 reference (the rest of the stage is encoding the run needs).
-    figures["encoded"] = {"queries": lowered[0].encoded, "documents": lowered[1].encoded}
+    # What the guard encoded at the precision the run goes on with (float32 when the check failed), which the
+    # encoding stage then finds in the cache; and the guard's own cost, its float32 reference.
+    kept = lowered if figures["passed"] else full
+    figures["encoded"] = {"queries": kept[0].encoded, "documents": kept[1].encoded}
     figures["float32_seconds"] = round(reference_seconds, 3)
     return _guarded(ref, reduced, record, figures, "embedding model", model)
 
@@ -340,6 +350,12 @@ def _guarded(
     return ref, {**record, "precision": "float32", "reason": reason, "guard": figures}
 
 
+def _teacher_sample(texts: pl.DataFrame) -> pl.DataFrame:
+    """The teacher guard's pairs: the distinct text pairs with the smallest hashes."""
+    distinct = texts.unique(score.PAIR_KEYS).sort(score.PAIR_KEYS)
+    return distinct.head(precision.sample_size(distinct.height))
+
+
 def teacher_precision(
     pairs: pa.Table, data: Ingested, ref: ModelRef, config: MineConfig
 ) -> tuple[ModelRef, dict[str, Any]]:
@@ -351,9 +367,8 @@ def teacher_precision(
     texts = score.pair_texts(pairs, data.queries, data.corpus)
     if not score.scoring_chunks(texts, teacher_cache(reduced, config), model_key(reduced))[1]:
         return reduced, {**record, "guard": "not run: every pair was in the cache at this precision"}
-    keys = ["query_hash", "passage_hash"]
-    distinct = texts.unique(keys).sort(keys)
-    sample_pairs = distinct.head(precision.sample_size(distinct.height))
+    keys = score.PAIR_KEYS
+    sample_pairs = _teacher_sample(texts)
     model = _cross_encoder(ref, config, show_progress=False)
 
     def scores(at: ModelRef) -> tuple[np.ndarray, int]:
@@ -368,12 +383,12 @@ def teacher_precision(
         return ordered["teacher_score"].to_numpy(), sum(scored.height for scored in fresh)
 
     started = time.perf_counter()
-    full, _ = scores(ref)
+    full, scored_full = scores(ref)
     reference_seconds = time.perf_counter() - started
     cast(model, reduced.precision)
-    lowered, encoded = scores(reduced)
+    lowered, scored_lowered = scores(reduced)
     figures = precision.score_agreement(lowered, full, guard_floor(config))
-    figures["scored"] = encoded
+    figures["scored"] = scored_lowered if figures["passed"] else scored_full
     figures["float32_seconds"] = round(reference_seconds, 3)
     return _guarded(ref, reduced, record, figures, "cross-encoder", model)
 
@@ -420,8 +435,13 @@ def teacher_scores(
     config: MineConfig,
     teacher_ref: ModelRef | None,
     embeddings: tuple[Embeddings, Embeddings] | None,
+    guarded: bool = False,
 ) -> pa.Table:
+    """Each pair's teacher score; `guarded` as in `embed`."""
     if teacher_ref is not None:
+        first = None
+        if guarded:
+            first = _teacher_sample(score.pair_texts(pairs, data.queries, data.corpus)).select(score.PAIR_KEYS)
         return score.cross_encoder_scores(
             pairs,
             data.queries,
@@ -431,6 +451,7 @@ def teacher_scores(
             show_progress=config.show_progress,
             cache=teacher_cache(teacher_ref, config),
             model_key=model_key(teacher_ref),
+            first=first,
         )
     assert embeddings is not None
     queries, documents = embeddings
@@ -555,7 +576,11 @@ def score_candidates(
         bm25_search.result()  # its error now, not after the encoding
     if shards is not None and retrieval.dense:
         distributed_embeddings(data, embedding_ref, config, shards)
-    embeddings = run("embed", embed, data, embedding_ref, config, None, vectors_dir) if retrieval.dense else None
+    # A guard that ran leaves its sample encoded in batches of its own, which the stage repeats where no cache has them.
+    embed_guarded = isinstance(chosen_precision.get("embedding", {}).get("guard"), dict)
+    embeddings = (
+        run("embed", embed, data, embedding_ref, config, None, vectors_dir, embed_guarded) if retrieval.dense else None
+    )
     dense, dense_index = None, {}
     if embeddings is not None:
         dense, dense_index = searched(run, shards, "dense", dense_candidates, embeddings, config)
@@ -567,14 +592,15 @@ def score_candidates(
         doc_ids = pc.unique(pairs["doc_id"])
         if shards is not None:
             distributed_embeddings(data, embedding_ref, config, shards, doc_ids=doc_ids)
-        embeddings = run("embed", embed, data, embedding_ref, config, doc_ids, vectors_dir)
+        embeddings = run("embed", embed, data, embedding_ref, config, doc_ids, vectors_dir, embed_guarded)
     if teacher_ref is not None:
         teacher_ref, chosen_precision["teacher"] = run(
             "teacher-precision", teacher_precision, pairs, data, teacher_ref, config
         )
     if shards is not None and teacher_ref is not None:
         distributed_teacher_scores(pairs, data, teacher_ref, config, shards)
-    scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings)
+    teacher_guarded = isinstance(chosen_precision.get("teacher", {}).get("guard"), dict)
+    scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings, teacher_guarded)
     counts = {
         "pool": pool.num_rows,
         "bm25_hits": pc.sum(pc.less_equal(bm25["rank"], retrieval.bm25_k)).as_py() or 0 if bm25 is not None else 0,

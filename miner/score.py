@@ -57,6 +57,8 @@ def bi_encoder_scores(
     return schema.conform(frame.select("query_id", "doc_id").with_columns(teacher_score=scores), schema.TEACHER_SCORES)
 
 
+# What names a distinct text pair.
+PAIR_KEYS = ["query_hash", "passage_hash"]
 # Pairs scored between two writes to the teacher cache; a multiple of any sensible batch size.
 TEACHER_CHUNK = 8192
 
@@ -83,12 +85,14 @@ def pair_texts(pairs: pa.Table, queries: pa.Table, corpus: pa.Table) -> pl.DataF
 
 
 def scoring_chunks(
-    texts: pl.DataFrame, cache: TeacherScoreCache | None, model_key: str
+    texts: pl.DataFrame, cache: TeacherScoreCache | None, model_key: str, first: pl.DataFrame | None = None
 ) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
     """(distinct text pairs with the cached scores, chunks of the ones still to score).
 
     Each distinct (query text, passage text) once, longest first so each batch pads to similar lengths. The
     chunks depend only on what is missing, so a run spread over Dask workers scores exactly the same batches.
+    The missing pairs among `first` (query_hash, passage_hash: the precision guard's sample) make a chunk of
+    their own, ahead: the batches the guard scored them in, which a run with a cache takes from the cache.
     """
     distinct = (
         texts.unique(["query_hash", "passage_hash"], keep="first", maintain_order=True)
@@ -101,7 +105,11 @@ def scoring_chunks(
     else:
         distinct = distinct.with_columns(teacher_score=pl.lit(None, pl.Float32))
     todo = distinct.filter(pl.col("teacher_score").is_null())
-    return distinct, [todo.slice(start, TEACHER_CHUNK) for start in range(0, todo.height, TEACHER_CHUNK)]
+    ahead = todo.join(first, on=PAIR_KEYS, how="semi") if first is not None else todo.clear()
+    if ahead.height:
+        todo = todo.join(first, on=PAIR_KEYS, how="anti")
+    chunks = [todo.slice(start, TEACHER_CHUNK) for start in range(0, todo.height, TEACHER_CHUNK)]
+    return distinct, [ahead, *chunks] if ahead.height else chunks
 
 
 def score_chunk(
@@ -150,15 +158,16 @@ def cross_encoder_scores(
     show_progress: bool,
     cache: TeacherScoreCache | None = None,
     model_key: str = "",
+    first: pl.DataFrame | None = None,
 ) -> pa.Table:
     """Cross-encoder scores, batched across queries.
 
     Pairs the cache holds are not scored at all (the model is then never loaded); each chunk scored goes to
-    the cache as it finishes.
+    the cache as it finishes. `first`: see `scoring_chunks`.
     """
     handle = ModelHandle.of(model)
     texts = pair_texts(pairs, queries, corpus)
-    distinct, chunks = scoring_chunks(texts, cache, model_key)
+    distinct, chunks = scoring_chunks(texts, cache, model_key, first)
     scored = [
         distinct.filter(pl.col("teacher_score").is_not_null()).select("query_hash", "passage_hash", "teacher_score")
     ]

@@ -60,3 +60,22 @@ def test_bfloat16_gives_the_same_rows_twice(tiny_beir: Path, tmp_path: Path) -> 
     kept = set(zip(first["query_id"].to_pylist(), first["negative_id"].to_pylist(), strict=True))
     moved = set(zip(other["query_id"].to_pylist(), other["negative_id"].to_pylist(), strict=True))
     assert len(kept & moved) >= 0.8 * len(kept)
+
+
+def test_bfloat16_rows_are_the_same_with_a_cache_and_without(
+    tiny_beir: Path, tiny_cross_encoder: Path, tmp_path: Path
+) -> None:
+    # The precision guards encode (score) their sample in batches of their own; a run with a cache takes those
+    # from it, a run without encodes the sample again in the same batches: the same rows either way, to the bit.
+    # The random teacher fails its guard: its sample is then scored at float32, by the guard and again.
+    args = ("--precision", "bfloat16", "--cross-encoder", tiny_cross_encoder)
+    without = pq.read_table(_mine(tiny_beir, tmp_path / "a", *args))
+    code, _, stderr = run_cli(
+        "mine", tiny_beir, "--out", tmp_path / "b", "-q", "--cache-dir", tmp_path / "cache",
+        "--sampling", "random", "--seed", 7, *args,
+    )  # fmt: skip
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["precision"]["embedding"]["guard"]["passed"]
+    assert not manifest["precision"]["teacher"]["guard"]["passed"]
+    assert pq.read_table(tmp_path / "b" / "negatives.parquet").equals(without)
