@@ -169,9 +169,9 @@ def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
     from miner.candidates import candidate_pool
     from miner.config import MineConfig
     from miner.ingest import ingest
-    from miner.models import ModelHandle, load_cross_encoder, model_key, resolve_model
-    from miner.pipeline import dense_candidates, embed, teacher_cache, teacher_precision
-    from miner.score import cross_encoder_scores, teacher_pairs
+    from miner.models import resolve_model
+    from miner.pipeline import dense_candidates, embed, guard_ran, teacher_precision, teacher_scores
+    from miner.score import teacher_pairs
 
     given = ingest(data)
     folder = minilm_cross_encoder(work / "ce-minilm", model_path)
@@ -217,17 +217,7 @@ def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
         # scoring finds the guard's sample in the cache (each precision has a cache of its own, empty at first).
         started = time.perf_counter()
         used, record = teacher_precision(pairs, given, ref, chosen_config)
-        model = ModelHandle(lambda used=used: load_cross_encoder(used, show_progress=False))
-        scores = cross_encoder_scores(
-            pairs,
-            given.queries,
-            given.corpus,
-            model,
-            batch_size=128,
-            show_progress=False,
-            cache=teacher_cache(used, chosen_config),
-            model_key=model_key(used),
-        )
+        scores = teacher_scores(pairs, given, chosen_config, used, None, guard_ran(record))
         row[f"{precision}_s"] = time.perf_counter() - started
         row[f"{precision}_record"] = record
         assert np.isfinite(scores["teacher_score"].to_numpy()).all()

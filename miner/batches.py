@@ -88,6 +88,9 @@ EXCHANGE_PASSES = 2
 # rows): quadratic. Above this many rows the passes are left out, with a line in the log, so a large export's
 # ordering stays near the greedy build's time (at this bound about 0.6 ms a row, half a minute a pass).
 EXCHANGE_MAX_ROWS = 50_000
+# The search also keeps tables of queries x (distinct positives + batches), 8 bytes a cell: above this many cells
+# (400 MB) it is left out the same way. Cranfield's and CISI's runs need under a million.
+EXCHANGE_MAX_CELLS = 50_000_000
 # An exchange counts as a gain only above this: float rounding in the running sums is far below it.
 GAIN_FLOOR = 1e-9
 
@@ -234,8 +237,15 @@ def order_batches(rows: TrainingRows, size: int, seed: int, exchange_passes: int
         np.subtract.at(remaining, rows.query[batch], 1)
         batches.append(batch)
     grouped = _best_rows(rows, graph, np.array(batches, dtype=np.int64).reshape(-1, size), left)
-    if count > EXCHANGE_MAX_ROWS and exchange_passes:
-        log.info("batches: %d rows, more than %d; exchanges between batches left out", count, EXCHANGE_MAX_ROWS)
+    cells = queries * (len(np.unique(rows.positive)) + len(grouped))
+    if exchange_passes and (count > EXCHANGE_MAX_ROWS or cells > EXCHANGE_MAX_CELLS):
+        log.info(
+            "batches: %d rows and tables of %d cells, more than %d and %d; exchanges between batches left out",
+            count,
+            cells,
+            EXCHANGE_MAX_ROWS,
+            EXCHANGE_MAX_CELLS,
+        )
         exchange_passes = 0
     for _ in range(exchange_passes):
         # An exchange moves one row of a query; each query's rows are then assigned anew all at once, which finds

@@ -401,8 +401,8 @@ def encoding_chunks(
     )
     missing = sorted(rows_of, key=lambda text_hash: (-lengths[rows_of[text_hash][0]], text_hash))
     ahead = [text_hash for text_hash in missing if text_hash in first]
-    missing = [text_hash for text_hash in missing if text_hash not in first] if ahead else missing
-    chunks = [missing[start : start + ENCODE_CHUNK] for start in range(0, len(missing), ENCODE_CHUNK)]
+    rest = [text_hash for text_hash in missing if text_hash not in first]
+    chunks = [rest[start : start + ENCODE_CHUNK] for start in range(0, len(rest), ENCODE_CHUNK)]
     return rows_of, [ahead, *chunks] if ahead else chunks
 
 

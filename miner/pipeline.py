@@ -195,7 +195,7 @@ def embed(
     prompts = prompts_of(config)
 
     def sample(table: pa.Table) -> frozenset[str]:
-        return frozenset(_guard_sample(table)["text_hash"].to_pylist()) if guarded else frozenset()
+        return frozenset(_guard_hashes(table).to_pylist()) if guarded else frozenset()
 
     return (
         embed_table(
@@ -259,13 +259,17 @@ def guard_floor(config: MineConfig) -> precision.GuardFloor:
     return precision.GuardFloor(models.guard_min_cosine, models.guard_min_overlap, models.guard_min_rank_correlation)
 
 
-def _guard_sample(table: pa.Table) -> pa.Table:
-    """The guard's texts of `table` (text_hash, text): those with the smallest hashes, so the same texts whatever
-    order the input lists them in and whatever the cache holds. A resumed run checks the texts the interrupted
-    one did, in the same batches, so their vectors are the same."""
+def _guard_hashes(table: pa.Table) -> pa.Array:
+    """The text hashes of the guard's sample of `table`: the smallest, so the same texts whatever order the input
+    lists them in and whatever the cache holds. A resumed run checks the texts the interrupted one did, in the
+    same batches, so their vectors are the same."""
     hashes = pl.Series("text_hash", table.column("text_hash"), dtype=pl.String).unique().sort()
-    chosen = hashes.head(precision.sample_size(len(hashes))).to_arrow()
-    texts = pl.from_arrow(rows_named(table, "text_hash", chosen).select(["text_hash", "text"]))
+    return hashes.head(precision.sample_size(len(hashes))).to_arrow()
+
+
+def _guard_sample(table: pa.Table) -> pa.Table:
+    """The guard's texts of `table` (text_hash, text), by `_guard_hashes`."""
+    texts = pl.from_arrow(rows_named(table, "text_hash", _guard_hashes(table)).select(["text_hash", "text"]))
     assert isinstance(texts, pl.DataFrame)
     return texts.unique("text_hash").sort("text_hash").to_arrow()
 
@@ -350,12 +354,6 @@ def _guarded(
     return ref, {**record, "precision": "float32", "reason": reason, "guard": figures}
 
 
-def _teacher_sample(texts: pl.DataFrame) -> pl.DataFrame:
-    """The teacher guard's pairs: the distinct text pairs with the smallest hashes."""
-    distinct = texts.unique(score.PAIR_KEYS).sort(score.PAIR_KEYS)
-    return distinct.head(precision.sample_size(distinct.height))
-
-
 def teacher_precision(
     pairs: pa.Table, data: Ingested, ref: ModelRef, config: MineConfig
 ) -> tuple[ModelRef, dict[str, Any]]:
@@ -367,20 +365,20 @@ def teacher_precision(
     texts = score.pair_texts(pairs, data.queries, data.corpus)
     if not score.scoring_chunks(texts, teacher_cache(reduced, config), model_key(reduced))[1]:
         return reduced, {**record, "guard": "not run: every pair was in the cache at this precision"}
-    keys = score.PAIR_KEYS
-    sample_pairs = _teacher_sample(texts)
+    sample_pairs = score.guard_pairs(texts)
     model = _cross_encoder(ref, config, show_progress=False)
 
     def scores(at: ModelRef) -> tuple[np.ndarray, int]:
-        cache, key = teacher_cache(at, config), model_key(at)
-        found, chunks = score.scoring_chunks(sample_pairs, cache, key)
-        fresh = [score.score_chunk(model, chunk, batch_size=config.models.teacher_batch_size) for chunk in chunks]
-        if cache is not None:
-            for scored in fresh:
-                cache.store(key, scored)
-        known = pl.concat([found.filter(pl.col("teacher_score").is_not_null()).select(*keys, "teacher_score"), *fresh])
-        ordered = sample_pairs.select(keys).join(known, on=keys, how="left")
-        return ordered["teacher_score"].to_numpy(), sum(scored.height for scored in fresh)
+        known, scored = score.scored_pairs(
+            sample_pairs,
+            model,
+            batch_size=config.models.teacher_batch_size,
+            show_progress=False,
+            cache=teacher_cache(at, config),
+            model_key=model_key(at),
+        )
+        ordered = sample_pairs.select(score.PAIR_KEYS).join(known, on=score.PAIR_KEYS, how="left")
+        return ordered["teacher_score"].to_numpy(), scored
 
     started = time.perf_counter()
     full, scored_full = scores(ref)
@@ -439,9 +437,6 @@ def teacher_scores(
 ) -> pa.Table:
     """Each pair's teacher score; `guarded` as in `embed`."""
     if teacher_ref is not None:
-        first = None
-        if guarded:
-            first = _teacher_sample(score.pair_texts(pairs, data.queries, data.corpus)).select(score.PAIR_KEYS)
         return score.cross_encoder_scores(
             pairs,
             data.queries,
@@ -451,7 +446,7 @@ def teacher_scores(
             show_progress=config.show_progress,
             cache=teacher_cache(teacher_ref, config),
             model_key=model_key(teacher_ref),
-            first=first,
+            guarded=guarded,
         )
     assert embeddings is not None
     queries, documents = embeddings
@@ -577,7 +572,7 @@ def score_candidates(
     if shards is not None and retrieval.dense:
         distributed_embeddings(data, embedding_ref, config, shards)
     # A guard that ran leaves its sample encoded in batches of its own, which the stage repeats where no cache has them.
-    embed_guarded = isinstance(chosen_precision.get("embedding", {}).get("guard"), dict)
+    embed_guarded = guard_ran(chosen_precision.get("embedding"))
     embeddings = (
         run("embed", embed, data, embedding_ref, config, None, vectors_dir, embed_guarded) if retrieval.dense else None
     )
@@ -599,7 +594,7 @@ def score_candidates(
         )
     if shards is not None and teacher_ref is not None:
         distributed_teacher_scores(pairs, data, teacher_ref, config, shards)
-    teacher_guarded = isinstance(chosen_precision.get("teacher", {}).get("guard"), dict)
+    teacher_guarded = guard_ran(chosen_precision.get("teacher"))
     scores = run("teacher", teacher_scores, pairs, data, config, teacher_ref, embeddings, teacher_guarded)
     counts = {
         "pool": pool.num_rows,
@@ -624,6 +619,11 @@ def score_candidates(
         },
         precision=chosen_precision,
     )
+
+
+def guard_ran(record: dict[str, Any] | None) -> bool:
+    """Whether a precision record's guard computed its sample (its figures), rather than not running."""
+    return isinstance((record or {}).get("guard"), dict)
 
 
 def _embedding_counts(embeddings: tuple[Embeddings, Embeddings] | None, guard: Any = None) -> dict[str, int]:

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.models import Embeddings, ModelHandle, in_batches, progress_bar, token_batches, tokenized_lengths
+from miner.precision import sample_size
 from miner.tables import rows_named
 from miner.vectors import row_dots
 
@@ -95,7 +96,7 @@ def scoring_chunks(
     their own, ahead: the batches the guard scored them in, which a run with a cache takes from the cache.
     """
     distinct = (
-        texts.unique(["query_hash", "passage_hash"], keep="first", maintain_order=True)
+        texts.unique(PAIR_KEYS, keep="first", maintain_order=True)
         .select("query_hash", "passage_hash", "query", "passage")
         .with_columns(length=pl.col("query").str.len_chars() + pl.col("passage").str.len_chars())
         .sort(["length", "query_hash", "passage_hash"], descending=[True, False, False])
@@ -106,10 +107,17 @@ def scoring_chunks(
         distinct = distinct.with_columns(teacher_score=pl.lit(None, pl.Float32))
     todo = distinct.filter(pl.col("teacher_score").is_null())
     ahead = todo.join(first, on=PAIR_KEYS, how="semi") if first is not None else todo.clear()
-    if ahead.height:
+    if first is not None:
         todo = todo.join(first, on=PAIR_KEYS, how="anti")
     chunks = [todo.slice(start, TEACHER_CHUNK) for start in range(0, todo.height, TEACHER_CHUNK)]
     return distinct, [ahead, *chunks] if ahead.height else chunks
+
+
+def guard_pairs(texts: pl.DataFrame) -> pl.DataFrame:
+    """The precision guard's pairs of `texts` (`pair_texts` rows): the distinct text pairs with the smallest
+    hashes, so the same pairs whatever the cache holds."""
+    distinct = texts.unique(PAIR_KEYS).sort(PAIR_KEYS)
+    return distinct.head(sample_size(distinct.height))
 
 
 def score_chunk(
@@ -158,19 +166,38 @@ def cross_encoder_scores(
     show_progress: bool,
     cache: TeacherScoreCache | None = None,
     model_key: str = "",
-    first: pl.DataFrame | None = None,
+    guarded: bool = False,
 ) -> pa.Table:
     """Cross-encoder scores, batched across queries.
 
     Pairs the cache holds are not scored at all (the model is then never loaded); each chunk scored goes to
-    the cache as it finishes. `first`: see `scoring_chunks`.
+    the cache as it finishes. `guarded`: the precision guard scored its pairs (`guard_pairs`), which are then
+    scored in the guard's own batches where the cache lacks them, so the rows do not depend on a cache.
     """
-    handle = ModelHandle.of(model)
     texts = pair_texts(pairs, queries, corpus)
+    first = guard_pairs(texts).select(PAIR_KEYS) if guarded else None
+    scores, _ = scored_pairs(
+        texts, model, batch_size=batch_size, show_progress=show_progress, cache=cache, model_key=model_key, first=first
+    )
+    frame = texts.join(scores, on=PAIR_KEYS, how="left")
+    return schema.conform(frame.sort("query_id", "doc_id"), schema.TEACHER_SCORES)
+
+
+def scored_pairs(
+    texts: pl.DataFrame,
+    model: CrossEncoder | ModelHandle[CrossEncoder],
+    *,
+    batch_size: int,
+    show_progress: bool,
+    cache: TeacherScoreCache | None,
+    model_key: str,
+    first: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame, int]:
+    """((query_hash, passage_hash, teacher_score) of each distinct pair of `texts`, how many were scored): from
+    the cache, or scored and then cached chunk by chunk. `first`: see `scoring_chunks`."""
     distinct, chunks = scoring_chunks(texts, cache, model_key, first)
-    scored = [
-        distinct.filter(pl.col("teacher_score").is_not_null()).select("query_hash", "passage_hash", "teacher_score")
-    ]
+    scored = [distinct.filter(pl.col("teacher_score").is_not_null()).select(*PAIR_KEYS, "teacher_score")]
+    handle = ModelHandle.of(model)
     with progress_bar("Scoring pairs", sum(chunk.height for chunk in chunks), show_progress, unit="pair") as bar:
         for chunk in chunks:
             fresh = score_chunk(
@@ -179,8 +206,7 @@ def cross_encoder_scores(
             if cache is not None:
                 cache.store(model_key, fresh)
             scored.append(fresh)
-    frame = texts.join(pl.concat(scored), on=["query_hash", "passage_hash"], how="left")
-    return schema.conform(frame.sort("query_id", "doc_id"), schema.TEACHER_SCORES)
+    return pl.concat(scored), sum(chunk.height for chunk in chunks)
 
 
 def positive_geometry(pool: pa.Table, qrels: pa.Table, queries: Embeddings, documents: Embeddings) -> pa.Table:
