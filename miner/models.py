@@ -410,15 +410,24 @@ def encoding_chunks(
 # 4 x hidden values per token in the feed-forward layers) then stay in the CPU's caches rather than streaming
 # through memory: on both development collections, MiniLM encoded 12-20% faster at 2,048 tokens than at 64
 # texts a batch, and a cross-encoder scored pairs about twice as fast as at 128 pairs a batch, in float32 and
-# bfloat16 alike; 4,096 tokens measured the same as 2,048 (bench/results/speed.md). Short texts (queries) still
-# get large batches, up to `batch_size`.
-BATCH_TOKENS = 2048
+# bfloat16 alike; 4,096 tokens measured the same as 2,048 (bench/results/speed.md). With two batches running
+# side by side (`in_batches`), 1,024 was as fast as 2,048 or faster in every pairing on both collections: 0-5%
+# for encoding (Cranfield faster, CISI level), 0-8% for a cross-encoder. Short texts (queries) still get large
+# batches, up to `batch_size`.
+BATCH_TOKENS = 1024
+# See `token_batches`: enough batches for 4 cores, the most a CI or laptop run here is likely to have.
+SMALL_CHUNK_BATCHES = 8
 
 
 def token_batches(lengths: np.ndarray, most: int, tokens: int = BATCH_TOKENS) -> list[np.ndarray]:
     """Row numbers in batches, longest first: each batch at most `most` rows and, from its second row on, at most
-    `tokens` padded tokens (a text longer than that is a batch of its own). Ties keep row order."""
+    `tokens` padded tokens (a text longer than that is a batch of its own). Ties keep row order.
+
+    A small chunk (the precision guard's sample, a few new documents) is cut into at least `SMALL_CHUNK_BATCHES`
+    batches, so that it too keeps every core busy. The count is fixed, not the machine's: a text's batch, and
+    so its vector, must not depend on how many threads a run (or a Dask worker) has."""
     order = np.argsort(-lengths, kind="stable")
+    tokens = max(1, min(tokens, int(np.sum(lengths)) // SMALL_CHUNK_BATCHES))
     batches, start = [], 0
     while start < len(order):
         size = max(1, min(most, tokens // max(int(lengths[order[start]]), 1)))
@@ -436,30 +445,41 @@ MAX_BATCH_WORKERS = 8
 
 
 def in_batches(
-    batches: Sequence[np.ndarray], compute: Callable[[np.ndarray], R], take: Callable[[np.ndarray, R], object]
+    batches: Sequence[np.ndarray],
+    compute: Callable[[np.ndarray], R],
+    take: Callable[[np.ndarray, R], object],
+    settle: Callable[[], object] | None = None,
 ) -> None:
     """`take(rows, compute(rows))` for every batch, on this thread and in batch order, while the batches are
     computed side by side: up to `MAX_BATCH_WORKERS` at once, each at an equal share of the run's torch threads.
 
     Every batch runs at that share, however many batches there are, so a text's vector does not depend on
-    which batches a run (or a resumed run) had around it. The first batch runs alone, on this thread: it
-    settles what concurrent calls would otherwise race to set (the tokenizer's padding and truncation, the
-    model's device), which the later calls then only read.
+    which batches a run (or a resumed run) had around it. `settle()` runs first, alone, on this thread: a tiny
+    call (one short text) that sets what concurrent calls would otherwise race to set (the tokenizer's padding
+    and truncation), which the batches then only read. Without it the first batch runs alone instead, which
+    leaves cores idle for a whole batch.
     """
     import torch
 
     threads = torch.get_num_threads()
     workers = min(threads, MAX_BATCH_WORKERS)
     torch.set_num_threads(max(1, threads // workers))
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="batch") if workers > 1 and len(batches) > 2 else None
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="batch") if workers > 1 and len(batches) > 1 else None
     try:
         if pool is None:
             for rows in batches:
                 take(rows, compute(rows))
             return
-        take(batches[0], compute(batches[0]))
-        futures = [pool.submit(compute, rows) for rows in batches[1:]]
-        for rows, future in zip(batches[1:], futures, strict=True):
+        if settle is not None:
+            settle()
+            alone: Sequence[np.ndarray] = []
+        else:
+            alone = batches[:1]
+        for rows in alone:
+            take(rows, compute(rows))
+        rest = batches[len(alone) :]
+        futures = [pool.submit(compute, rows) for rows in rest]
+        for rows, future in zip(rest, futures, strict=True):
             take(rows, future.result())
     finally:
         if pool is not None:
@@ -500,7 +520,13 @@ def encode_chunk(
         if advance is not None:
             advance(len(rows))
 
-    in_batches(token_batches(np.minimum(lengths, model.max_seq_length), batch_size), encoded, take)
+    shortest = np.array([int(np.argmin(lengths))])
+    in_batches(
+        token_batches(np.minimum(lengths, model.max_seq_length), batch_size),
+        encoded,
+        take,
+        settle=lambda: encoded(shortest),
+    )
     return vectors, lengths > model.max_seq_length
 
 

@@ -143,7 +143,9 @@ def score_chunk(
         if advance is not None:
             advance(len(rows))
 
-    in_batches(token_batches(pair_lengths(model, chunk), batch_size), scored, take)
+    lengths = pair_lengths(model, chunk)
+    shortest = np.array([int(np.argmin(lengths))])
+    in_batches(token_batches(lengths, batch_size), scored, take, settle=lambda: scored(shortest))
     return chunk.select("query_hash", "passage_hash").with_columns(teacher_score=predicted)
 
 

@@ -19,7 +19,7 @@ from conftest import run_cli
 from miner.config import load_config
 from miner.errors import InputError
 from miner.lock import lock_path
-from miner.models import encode, encode_chunk, in_batches, token_batches
+from miner.models import SMALL_CHUNK_BATCHES, encode, encode_chunk, in_batches, token_batches
 from miner.pipeline import resolve_models
 from miner.resume import work_dir
 
@@ -246,8 +246,27 @@ def test_token_batches_take_every_row_once_longest_first_within_both_bounds(most
         assert 1 <= len(batch) <= most
         assert len(batch) == 1 or len(batch) * lengths[batch].max() <= 2048
     # Short texts fill batches up to `most`: the budget does not cut them small.
-    short = token_batches(np.full(200, 10), most, tokens=2048)
+    short = token_batches(np.full(2000, 10), most, tokens=2048)
     assert [len(batch) for batch in short[:-1]] == [most] * (len(short) - 1)
+
+
+def test_a_small_chunk_is_cut_into_enough_batches_for_every_core_whatever_the_threads() -> None:
+    import torch
+
+    lengths = np.random.default_rng(3).integers(5, 300, size=32)
+    threads = torch.get_num_threads()
+    try:
+        cuts = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            cuts.append([batch.tolist() for batch in token_batches(lengths, 64)])
+    finally:
+        torch.set_num_threads(threads)
+    assert cuts[0] == cuts[1]  # the batches, and so the vectors, do not depend on the machine
+    assert len(cuts[0]) >= SMALL_CHUNK_BATCHES
+    assert sorted(row for batch in cuts[0] for row in batch) == list(range(32))
+    # One text cannot be cut: one batch.
+    assert [batch.tolist() for batch in token_batches(np.array([40]), 64)] == [[0]]
 
 
 def test_batches_side_by_side_give_the_vectors_of_one_batch_after_another(embedding_model) -> None:
@@ -283,6 +302,22 @@ def test_batches_side_by_side_are_taken_in_order_on_the_calling_thread_and_an_er
             batches, lambda rows: int(rows[0]) * 2, lambda rows, x: taken.append((x, threading.current_thread().name))
         )
         assert taken == [(2 * i, threading.current_thread().name) for i in range(12)]
+
+        # With a settling call, that call runs first on this thread, and every batch runs on the pool.
+        events: list[tuple[str, str]] = []
+
+        def computed_where(rows: np.ndarray) -> int:
+            events.append(("batch", threading.current_thread().name))
+            return 0
+
+        in_batches(
+            batches,
+            computed_where,
+            lambda rows, x: None,
+            settle=lambda: events.append(("settle", threading.current_thread().name)),
+        )
+        assert events[0] == ("settle", threading.current_thread().name)
+        assert len(events) == 13 and all(name.startswith("batch") for kind, name in events[1:])
 
         computed: list[int] = []
 
