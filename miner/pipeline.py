@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from miner import calibrate, candidates, precision, sample, score
+from miner import calibrate, candidates, java, precision, sample, score
 from miner.batches import BatchContext, check_batch_size
 from miner.cache import Bm25IndexCache, EmbeddingCache, TeacherScoreCache
 from miner.config import BATCHED_FORMATS, MineConfig
@@ -107,6 +107,9 @@ def bm25_candidates(
 
     With `shards`, the query shards are searched on the workers, over the index in the shared cache folder.
     """
+    # Whatever needs the JVM first starts it (detecting the language, indexing, searching), and a warm run that
+    # finds everything in the cache never does; when it starts, it is sized for this job.
+    java.expect_job(data.corpus.num_rows + data.queries.num_rows)
     language, analysis = choose_language(config.retrieval.language, data.corpus, _detector(config))
     retrieval = config.retrieval
     settings = {"k": bm25_depth(config), "k1": retrieval.bm25_k1, "b": retrieval.bm25_b, "language": language}
@@ -122,7 +125,7 @@ def bm25_candidates(
             index_dir = Path(workdir) / "index"
             build(data.corpus, index_dir, False)
             counts = {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
-            return search(index_dir), {**counts, **analysis}
+            return search(index_dir), {**counts, **analysis, "jvm": java.jvm_mode()}
     index_settings = candidates.bm25_index_settings(language)
     index_cache = Bm25IndexCache(folder, corpus=str(config.corpus or config.data))
     entry, indexed = index_cache.index(index_settings, data.corpus, build)
@@ -131,7 +134,7 @@ def bm25_candidates(
     if hits is None:
         hits = search(entry)
         index_cache.keep_hits(entry, data.queries, settings, hits)
-    return hits, {**counts, **analysis}
+    return hits, {**counts, **analysis, "jvm": java.jvm_mode()}
 
 
 def _detector(config: MineConfig) -> Callable[[Sequence[str]], Detection]:
