@@ -29,8 +29,8 @@ DEFAULT_HEAP = "2g"
 # collector. Measured with bench/scale.py (2 cores, 2,000 queries at k=100, both ways):
 # - 10,000 documents: 0.4 s faster (start and warm-up 2.8 s against 3.6 s), peak 0.56 GB against 1.35 GB;
 # - 100,000 documents: 2.2 s slower;
-# - a million documents: twice as slow.
-# A cold Cranfield run (1,398 documents, 225 queries) took 33.7 s against 34.4 s, peak 1.66 GB against 2.47 GB.
+# - a million documents: 1.7x as slow to index, 1.8x to search.
+# A cold Cranfield run (1,398 documents, 225 queries) took 33.7 s against 34.4 s, peak 1,660 MiB against 2,469 MiB.
 SMALL_JOB_TEXTS = 10_000
 QUICK_START_OPTIONS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 

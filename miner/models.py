@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -410,11 +411,10 @@ def encoding_chunks(
 # 4 x hidden values per token in the feed-forward layers) then stay in the CPU's caches rather than streaming
 # through memory: on both development collections, MiniLM encoded 12-20% faster at 2,048 tokens than at 64
 # texts a batch, and a cross-encoder scored pairs about twice as fast as at 128 pairs a batch, in float32 and
-# bfloat16 alike; 4,096 tokens measured the same as 2,048 (bench/results/speed.md). With two batches running
-# side by side (`in_batches`), 1,024 was as fast as 2,048 or faster in every pairing on both collections: 0-5%
-# for encoding (Cranfield faster, CISI level), 0-8% for a cross-encoder. Short texts (queries) still get large
-# batches, up to `batch_size`.
-BATCH_TOKENS = 1024
+# bfloat16 alike; 4,096 tokens measured the same as 2,048 (bench/results/speed.md). 1,024 was level or up to 5%
+# faster on 300-500 texts, but the full bench's teacher stage then took 34.5 s against 31.5 s at float32 and
+# 22.6 s against 21.1 s at bfloat16. Short texts (queries) still get large batches, up to `batch_size`.
+BATCH_TOKENS = 2048
 # See `token_batches`: enough batches for 4 cores, the most a CI or laptop run here is likely to have.
 SMALL_CHUNK_BATCHES = 8
 
@@ -598,13 +598,31 @@ def token_lengths(model: SentenceTransformer, texts: pa.Array | pa.ChunkedArray)
 
 
 def tokenized_lengths(tokenizer: Any, *texts: list[str], **truncation: Any) -> np.ndarray:
-    """Lengths in `tokenizer`'s tokens, special tokens included: of each text, or (two lists) of each pair."""
-    lengths = tokenizer(
-        *texts,
-        return_length=True,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-        verbose=False,
-        **truncation,
-    )["length"]
-    return np.asarray(lengths, dtype=np.int64).reshape(-1)
+    """Lengths in `tokenizer`'s tokens, special tokens included: of each text, or (two lists) of each pair.
+
+    Many texts are cut into parts tokenized side by side, one per torch thread: the batches cannot start before
+    the lengths are known, so a single-threaded pass would leave the other cores idle (Cranfield's corpus:
+    0.44 s). The tokenizer releases the GIL while it works."""
+
+    def lengths_of(bounds: tuple[int, int]) -> np.ndarray:
+        part = [side[bounds[0] : bounds[1]] for side in texts]
+        asked = {"return_length": True, "return_attention_mask": False, "return_token_type_ids": False}
+        found = tokenizer(*part, verbose=False, **asked, **truncation)["length"]
+        return np.asarray(found, dtype=np.int64).reshape(-1)
+
+    import torch
+
+    count = len(texts[0])
+    parts = min(torch.get_num_threads(), MAX_BATCH_WORKERS, count // LENGTHS_PART_TEXTS)
+    if parts <= 1:
+        return lengths_of((0, count))
+    # A call sets the tokenizer's truncation to what it asks for; made once alone, the parts find it set and only
+    # read it (two threads setting it at once would race).
+    lengths_of((0, 1))
+    edges = np.linspace(0, count, parts + 1).astype(int).tolist()
+    with ThreadPoolExecutor(parts, thread_name_prefix="lengths") as pool:
+        return np.concatenate(list(pool.map(lengths_of, itertools.pairwise(edges))))
+
+
+# Texts below which tokenizing them in parts is not worth a thread.
+LENGTHS_PART_TEXTS = 256
