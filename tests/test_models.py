@@ -19,7 +19,7 @@ from conftest import run_cli
 from miner.config import load_config
 from miner.errors import InputError
 from miner.lock import lock_path
-from miner.models import SMALL_CHUNK_BATCHES, encode, encode_chunk, in_batches, token_batches
+from miner.models import SMALL_CHUNK_BATCHES, encode, encode_chunk, in_batches, token_batches, token_lengths
 from miner.pipeline import resolve_models
 from miner.resume import work_dir
 
@@ -332,5 +332,19 @@ def test_batches_side_by_side_are_taken_in_order_on_the_calling_thread_and_an_er
             in_batches([np.arange(i, i + 1) for i in range(400)], failing, lambda rows, x: None)
         assert len(computed) < 100  # of 399: the batches not yet started were dropped
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_token_lengths_taken_in_parts_side_by_side_are_the_tokenizers_own(embedding_model) -> None:
+    import pyarrow as pa
+    import torch
+
+    texts = [f"{'shock wave ' * (i % 37)}over a cone number {i}" for i in range(700)]
+    expected = [len(ids) for ids in embedding_model.tokenizer(texts)["input_ids"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert token_lengths(embedding_model, pa.array(texts)).tolist() == expected
     finally:
         torch.set_num_threads(threads)
