@@ -445,11 +445,18 @@ def token_batches(lengths: np.ndarray, most: int, tokens: int = BATCH_TOKENS) ->
 MAX_BATCH_WORKERS = 8
 
 
+def batch_workers() -> int:
+    """How many batches (or tokenizer parts) run side by side: one per torch thread, up to `MAX_BATCH_WORKERS`."""
+    import torch
+
+    return min(torch.get_num_threads(), MAX_BATCH_WORKERS)
+
+
 def in_batches(
     batches: Sequence[np.ndarray],
     compute: Callable[[np.ndarray], R],
     take: Callable[[np.ndarray, R], object],
-    settle: Callable[[], object] | None = None,
+    settle: Callable[[], object],
 ) -> None:
     """`take(rows, compute(rows))` for every batch, on this thread and in batch order, while the batches are
     computed side by side: up to `MAX_BATCH_WORKERS` at once, each at an equal share of the run's torch threads.
@@ -457,13 +464,13 @@ def in_batches(
     Every batch runs at that share, however many batches there are, so a text's vector does not depend on
     which batches a run (or a resumed run) had around it. `settle()` runs first, alone, on this thread: a tiny
     call (one short text) that sets what concurrent calls would otherwise race to set (the tokenizer's padding
-    and truncation), which the batches then only read. Without it the first batch runs alone instead, which
-    leaves cores idle for a whole batch.
+    and truncation), which the batches then only read. (Running the first batch alone instead left a core idle
+    for a whole batch.)
     """
     import torch
 
     threads = torch.get_num_threads()
-    workers = min(threads, MAX_BATCH_WORKERS)
+    workers = batch_workers()
     torch.set_num_threads(max(1, threads // workers))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="batch") if workers > 1 and len(batches) > 1 else None
     try:
@@ -471,16 +478,9 @@ def in_batches(
             for rows in batches:
                 take(rows, compute(rows))
             return
-        if settle is not None:
-            settle()
-            alone: Sequence[np.ndarray] = []
-        else:
-            alone = batches[:1]
-        for rows in alone:
-            take(rows, compute(rows))
-        rest = batches[len(alone) :]
-        futures = [pool.submit(compute, rows) for rows in rest]
-        for rows, future in zip(rest, futures, strict=True):
+        settle()
+        futures = [pool.submit(compute, rows) for rows in batches]
+        for rows, future in zip(batches, futures, strict=True):
             take(rows, future.result())
     finally:
         if pool is not None:
@@ -611,10 +611,8 @@ def tokenized_lengths(tokenizer: Any, *texts: list[str], **truncation: Any) -> n
         found = tokenizer(*part, verbose=False, **asked, **truncation)["length"]
         return np.asarray(found, dtype=np.int64).reshape(-1)
 
-    import torch
-
     count = len(texts[0])
-    parts = min(torch.get_num_threads(), MAX_BATCH_WORKERS, count // LENGTHS_PART_TEXTS)
+    parts = min(batch_workers(), count // LENGTHS_PART_TEXTS)
     if parts <= 1:
         return lengths_of((0, count))
     # A call sets the tokenizer's truncation to what it asks for; made once alone, the parts find it set and only

@@ -119,22 +119,26 @@ def bm25_candidates(
         workers = _workers(config, shards)
         search = functools.partial(sharded_bm25_search, queries=data.queries, workers=workers, **settings)
     build = functools.partial(_index_rows, threads=threads(config), language=language)
+
+    def counted(indexed: int) -> dict[str, int | str]:
+        # Asked last: by then the JVM has started, or the cache spared the run it.
+        counts = {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
+        return {**counts, **analysis, "jvm": java.jvm_mode()}
+
     folder = cache_dir(config)
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="miner-bm25-") as workdir:
             index_dir = Path(workdir) / "index"
             build(data.corpus, index_dir, False)
-            counts = {"documents_indexed": data.corpus.num_rows, "documents_from_cache": 0}
-            return search(index_dir), {**counts, **analysis, "jvm": java.jvm_mode()}
+            return search(index_dir), counted(data.corpus.num_rows)
     index_settings = candidates.bm25_index_settings(language)
     index_cache = Bm25IndexCache(folder, corpus=str(config.corpus or config.data))
     entry, indexed = index_cache.index(index_settings, data.corpus, build)
-    counts = {"documents_indexed": indexed, "documents_from_cache": data.corpus.num_rows - indexed}
     hits = index_cache.hits(entry, data.queries, settings)
     if hits is None:
         hits = search(entry)
         index_cache.keep_hits(entry, data.queries, settings, hits)
-    return hits, {**counts, **analysis, "jvm": java.jvm_mode()}
+    return hits, counted(indexed)
 
 
 def _detector(config: MineConfig) -> Callable[[Sequence[str]], Detection]:

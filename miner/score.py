@@ -200,7 +200,8 @@ def scored_pairs(
     distinct, chunks = scoring_chunks(texts, cache, model_key, first)
     scored = [distinct.filter(pl.col("teacher_score").is_not_null()).select(*PAIR_KEYS, "teacher_score")]
     handle = ModelHandle.of(model)
-    with progress_bar("Scoring pairs", sum(chunk.height for chunk in chunks), show_progress, unit="pair") as bar:
+    to_score = sum(chunk.height for chunk in chunks)
+    with progress_bar("Scoring pairs", to_score, show_progress, unit="pair") as bar:
         for chunk in chunks:
             fresh = score_chunk(
                 handle.model, chunk, batch_size=batch_size, advance=bar.update if bar is not None else None
@@ -208,7 +209,7 @@ def scored_pairs(
             if cache is not None:
                 cache.store(model_key, fresh)
             scored.append(fresh)
-    return pl.concat(scored), sum(chunk.height for chunk in chunks)
+    return pl.concat(scored), to_score
 
 
 def positive_geometry(pool: pa.Table, qrels: pa.Table, queries: Embeddings, documents: Embeddings) -> pa.Table:

@@ -299,11 +299,14 @@ def test_batches_side_by_side_are_taken_in_order_on_the_calling_thread_and_an_er
         batches = [np.arange(i, i + 1) for i in range(12)]
         taken: list[tuple[int, str]] = []
         in_batches(
-            batches, lambda rows: int(rows[0]) * 2, lambda rows, x: taken.append((x, threading.current_thread().name))
+            batches,
+            lambda rows: int(rows[0]) * 2,
+            lambda rows, x: taken.append((x, threading.current_thread().name)),
+            settle=lambda: None,
         )
         assert taken == [(2 * i, threading.current_thread().name) for i in range(12)]
 
-        # With a settling call, that call runs first on this thread, and every batch runs on the pool.
+        # The settling call runs first, on this thread, and every batch runs on the pool.
         events: list[tuple[str, str]] = []
 
         def computed_where(rows: np.ndarray) -> int:
@@ -329,7 +332,7 @@ def test_batches_side_by_side_are_taken_in_order_on_the_calling_thread_and_an_er
             return 0
 
         with pytest.raises(ValueError, match="batch 3"):
-            in_batches([np.arange(i, i + 1) for i in range(400)], failing, lambda rows, x: None)
+            in_batches([np.arange(i, i + 1) for i in range(400)], failing, lambda rows, x: None, settle=lambda: None)
         assert len(computed) < 100  # of 399: the batches not yet started were dropped
         assert torch.get_num_threads() == 2
     finally:
