@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -25,12 +27,8 @@ from miner.vectors import exact_top_k, stacked
 
 log = logging.getLogger(__name__)
 
+# Queries per shard of exact dense search.
 QUERY_BATCH = 4096
-
-
-def _batches(table: pa.Table, size: int) -> Iterator[pa.Table]:
-    for start in range(0, table.num_rows, size):
-        yield table.slice(start, size)
 
 
 def ranked(frame: pl.DataFrame) -> pa.Table:
@@ -141,44 +139,108 @@ def bm25_search(
     b: float = 0.4,
     language: str = "en",
 ) -> pa.Table:
-    """QUERIES -> RETRIEVED: BM25 top-k per query, searched `threads` at a time inside Lucene.
+    """QUERIES -> RETRIEVED: BM25 top-k per query, `threads` queries searched at a time.
 
-    The queries are analysed for `language`: it must be the language the index was built with.
+    The queries are analysed for `language`: it must be the language the index was built with. The hits are
+    the ones Anserini's SimpleSearcher returns, with its scores; see `_LuceneBm25`.
     """
     start_jvm()
-    from jnius import autoclass  # after start_jvm: importing jnius starts the JVM
-
-    searcher = autoclass("io.anserini.search.SimpleSearcher")(str(index_dir))
-    if language != "en":
-        searcher.set_language(language)
-    java_list = autoclass("java.util.ArrayList")
-    searcher.set_bm25(float(k1), float(b))
-    query_ids: list[str] = []
-    doc_ids: list[str] = []
-    scores: list[float] = []
+    searcher = _LuceneBm25(index_dir, k1=k1, b=b, language=language)
+    texts = queries.column("text").to_pylist()
+    parts = max(1, min(int(threads), len(texts)))
+    bounds = [len(texts) * part // parts for part in range(parts + 1)]
     try:
-        for batch in _batches(queries, QUERY_BATCH):
-            texts, ids = java_list(), java_list()
-            for text, query_id in zip(
-                batch.column("text").to_pylist(), batch.column("query_id").to_pylist(), strict=True
-            ):
-                texts.add(text)
-                ids.add(query_id)
-            hits = searcher.batch_search(texts, ids, int(k), int(threads))
-            for entry in hits.entrySet().toArray():
-                query_id = entry.getKey()
-                for hit in entry.getValue():
-                    query_ids.append(query_id)
-                    doc_ids.append(hit.docid)
-                    scores.append(hit.score)
+        with concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="bm25-search") as pool:
+            found = list(pool.map(searcher.search, [texts[a:z] for a, z in itertools.pairwise(bounds)], [k] * parts))
     finally:
         searcher.close()
+    doc_ids = [doc_id for part in found for hits in part for doc_id in hits[0]]
+    scores = np.concatenate([tie_adjusted(hits[1]) for part in found for hits in part] or [np.zeros(0, np.float32)])
+    counts = [len(hits[0]) for part in found for hits in part]
+    query_ids = queries.column("query_id").take(pa.array(np.repeat(np.arange(len(texts)), counts)))
     return ranked(
         pl.DataFrame(
             {"query_id": query_ids, "doc_id": doc_ids, "score": scores},
             schema={"query_id": pl.String, "doc_id": pl.String, "score": pl.Float32},
         )
     )
+
+
+class _LuceneBm25:
+    """Anserini's BM25 search, one query at a time on Lucene's own classes.
+
+    SimpleSearcher.batch_search hands back one Java object per hit, and reading each hit's id and score through
+    the Java bridge holds Python's lock: about a second per 200,000 hits, taken from the model loading beside
+    it. Here each query's hits come back as two arrays (ids and scores) that the bridge copies in one call
+    each, and the bridge lets go of the lock while Lucene searches. The query, the similarity and the order
+    (score, then id) are SimpleSearcher's, so the hits are the same; its rounding of the scores is
+    `tie_adjusted`.
+    """
+
+    def __init__(self, index_dir: Path, *, k1: float, b: float, language: str) -> None:
+        from jnius import autoclass, cast  # after start_jvm: importing jnius starts the JVM
+
+        simple = autoclass("io.anserini.search.SimpleSearcher")(str(index_dir))
+        try:
+            if language != "en":
+                simple.set_language(language)
+            self._analyzer = simple.get_analyzer()
+        finally:
+            simple.close()
+        path = autoclass("java.io.File")(str(index_dir)).toPath()
+        self._reader = autoclass("org.apache.lucene.index.DirectoryReader").open(
+            autoclass("org.apache.lucene.store.FSDirectory").open(path)
+        )
+        self._searcher = autoclass("org.apache.lucene.search.IndexSearcher")(
+            cast("org.apache.lucene.index.IndexReader", self._reader)
+        )
+        self._searcher.setSimilarity(autoclass("org.apache.lucene.search.similarities.BM25Similarity")(k1, b))
+        sort_field = autoclass("org.apache.lucene.search.SortField")
+        by_id = sort_field("id", autoclass("org.apache.lucene.search.SortField$Type").STRING_VAL)
+        self._order = autoclass("org.apache.lucene.search.Sort")(sort_field.FIELD_SCORE, by_id)
+        self._queries = autoclass("io.anserini.search.query.BagOfWordsQueryGenerator")()
+        self._hits = autoclass("io.anserini.search.ScoredDocs")
+
+    def search(self, texts: list[str], k: int) -> list[tuple[list[str], np.ndarray]]:
+        """Each text's hits: (doc ids, raw float32 scores), best first."""
+        from jnius import detach
+
+        try:
+            found = []
+            for text in texts:
+                query = self._queries.buildQuery("contents", self._analyzer, text)
+                hits = self._hits.fromTopDocs(self._searcher.search(query, int(k), self._order, True), self._searcher)
+                found.append((list(hits.docids), np.asarray(hits.scores, dtype=np.float32)))
+            return found
+        finally:
+            detach()  # a pool thread leaves the JVM with its task
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def tie_adjusted(scores: np.ndarray) -> np.ndarray:
+    """One query's BM25 scores (best first) as Anserini's ScoreTiesAdjusterReranker leaves them, with the
+    arithmetic its compiled class does: rounded to 1e-4 in double precision (half up) and stored as float32,
+    then each score within 1e-4 of the one before it lowered by 1e-6 per step of the run, in float32, so that
+    the scores alone give the rank order."""
+    scaled = scores.astype(np.float64) * 1e4
+    whole = np.floor(scaled)
+    rounded = ((whole + (scaled - whole >= 0.5)) / 1e4).astype(np.float32)
+    close = np.float32(1e-4)
+    near = np.flatnonzero(rounded[:-1] - rounded[1:] <= close)
+    if near.size == 0:
+        return rounded  # no score is lowered, so none comes within 1e-4 of the next either
+    adjusted = rounded.copy()
+    step = np.float32(1e-6)
+    run = 0
+    for i in range(int(near[0]) + 1, adjusted.size):
+        if adjusted[i - 1] - adjusted[i] > close:
+            run = 0
+        else:
+            run += 1
+            adjusted[i] = adjusted[i] - step * np.float32(run)
+    return adjusted
 
 
 # --- dense ------------------------------------------------------------------------------------------

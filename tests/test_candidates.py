@@ -46,6 +46,45 @@ def test_bm25_searches_every_query_with_lucene_syntax_taken_literally(bm25_index
     assert set(hits["doc_id"]) <= set(small.corpus["doc_id"].to_pylist())
 
 
+def test_bm25_hits_and_scores_are_anserinis_own(bm25_index: Path, small) -> None:
+    """Our search reads Lucene directly; Anserini's SimpleSearcher.batch_search is the reference it must equal,
+    hit for hit and score for score (its rounding and tie perturbation included), at a depth past every match."""
+    from jnius import autoclass
+
+    from miner.candidates import ranked
+
+    simple = autoclass("io.anserini.search.SimpleSearcher")(str(bm25_index))
+    simple.set_bm25(0.9, 0.4)
+    texts, ids = autoclass("java.util.ArrayList")(), autoclass("java.util.ArrayList")()
+    queries = small.queries
+    for text, query_id in zip(queries.column("text").to_pylist(), queries.column("query_id").to_pylist(), strict=True):
+        texts.add(text)
+        ids.add(query_id)
+    rows = [
+        (entry.getKey(), hit.docid, hit.score)
+        for entry in simple.batch_search(texts, ids, 1000, 2).entrySet().toArray()
+        for hit in entry.getValue()
+    ]
+    simple.close()
+    reference = ranked(
+        pl.DataFrame(rows, schema={"query_id": pl.String, "doc_id": pl.String, "score": pl.Float32}, orient="row")
+    )
+    ours = bm25_search(bm25_index, small.queries, k=1000, threads=2)
+    assert ours.num_rows == reference.num_rows > 1000
+    assert ours.equals(reference)
+
+
+def test_tie_adjusted_rounds_in_double_and_lowers_each_tie() -> None:
+    from miner.candidates import tie_adjusted
+
+    # x 1e4 is 24922.4997 in double (rounds down) but 24922.5 in float32 (would round up): the class rounds in double.
+    assert tie_adjusted(np.array([2.49225], dtype=np.float32)).tolist() == [np.float32(2.4922)]
+    adjusted = tie_adjusted(np.array([5.0, 3.00001, 3.0, 3.0, 1.0], dtype=np.float32))
+    one, two = np.float32(1e-6), np.float32(2e-6)
+    assert adjusted.tolist() == [5.0, np.float32(3.0), np.float32(3.0) - one, np.float32(3.0) - two, 1.0]
+    assert (np.diff(adjusted) < 0).all()
+
+
 def test_dense_search_matches_brute_force(small, embedding_model) -> None:
     queries = encode(embedding_model, small.queries["text"], kind="query", batch_size=32, show_progress=False)
     documents = encode(embedding_model, small.corpus["text"], kind="document", batch_size=32, show_progress=False)
