@@ -205,6 +205,7 @@ def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
 
     loop_s, loop_pairs = clock(per_query_loop)
     row: dict[str, Any] = {"pairs": loop_pairs, "loop_s": loop_s}
+    row["products"] = product_floor(loop_model, frame["q"].to_list(), frame["d"].to_list())
     ref = resolve_model(str(folder))
     for precision in PRECISIONS:
         chosen_config = config.model_copy(
@@ -222,6 +223,52 @@ def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
         row[f"{precision}_record"] = record
         assert np.isfinite(scores["teacher_score"].to_numpy()).all()
     return row
+
+
+def matmul_rate(dtype_name: str, seconds: float = 2.0) -> float:
+    """This CPU's matrix-product rate on one thread, FLOP/s: the shapes of a MiniLM layer's products, 2,048
+    tokens a batch, the best of its three shapes."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = 0.0
+        for rows, inner, cols in ((2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384)):
+            left, right = torch.randn(rows, inner).to(dtype), torch.randn(inner, cols).to(dtype)
+            left @ right
+            repeats, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds / 3:
+                left @ right
+                repeats += 1
+            best = max(best, 2 * rows * inner * cols * repeats / (time.perf_counter() - started))
+        return best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def product_floor(model: Any, queries: list[str], documents: list[str]) -> dict[str, Any]:
+    """The matrix products the cross-encoder must do for these pairs (their tokens unpadded, linear layers and
+    attention's two products), and how long they alone take at this CPU's measured rate on every core: no
+    scoring at that precision, however batched, can be faster."""
+    import torch
+
+    config = model.model.config
+    width, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    lengths = [
+        len(ids)
+        for ids in model.tokenizer(queries, documents, truncation=True, max_length=model.max_length)["input_ids"]
+    ]
+    linear = layers * 2 * (4 * width * width + 2 * width * inner) * sum(lengths)
+    attention = layers * 2 * 2 * width * sum(length * length for length in lengths)
+    cores = torch.get_num_threads()
+    out: dict[str, Any] = {"tokens": sum(lengths), "flop": linear + attention, "cores": cores}
+    for dtype in ("float32", "bfloat16"):
+        rate = matmul_rate(dtype)
+        out[f"{dtype}_gflops_per_core"] = rate / 1e9
+        out[f"{dtype}_floor_s"] = (linear + attention) / (rate * cores)
+    return out
 
 
 def quality(work: Path) -> dict[str, Any]:
@@ -364,6 +411,19 @@ def write_report(results: dict[str, Any]) -> None:
                 f"{t['loop_s'] / seconds:.2f}x | {'≥ 3x' if precision == 'auto' else ''} |"
             )
         lines += ["", f"Teacher guard under auto: {json.dumps(t['auto_record']['guard'])}.", ""]
+        floor = t.get("products")
+        if floor:
+            lines += [
+                f"What the hardware allows: these pairs are {floor['tokens']:,} tokens (unpadded), "
+                f"{floor['flop'] / 1e12:.2f} TFLOP of matrix products (linear layers and attention's two). This "
+                f"CPU multiplies a MiniLM layer's matrices at {floor['float32_gflops_per_core']:.0f} GFLOP/s a core "
+                f"in float32 and {floor['bfloat16_gflops_per_core']:.0f} in bfloat16 (one thread, measured in this "
+                f"run). On its {floor['cores']} cores the products alone take {floor['float32_floor_s']:.1f} s in "
+                f"float32 and {floor['bfloat16_floor_s']:.1f} s in bfloat16: whatever the batching, scoring at "
+                f"bfloat16 is at most {t['loop_s'] / floor['bfloat16_floor_s']:.2f}x the loop here, before "
+                "softmax, GELU, layer norms, the guard and loading the model.",
+                "",
+            ]
     if q:
         lines += [
             "## (d) Quality: float32 against the precision auto chose",
