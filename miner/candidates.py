@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import itertools
 import json
@@ -18,6 +17,7 @@ import pyarrow as pa
 
 from miner import schema
 from miner.atomic import atomic_write, write_json_atomic
+from miner.background import side_by_side
 from miner.cache import note_use
 from miner.config import DenseIndexSpec
 from miner.java import anserini_jar, start_jvm
@@ -150,8 +150,9 @@ def bm25_search(
     parts = max(1, min(int(threads), len(texts)))
     bounds = [len(texts) * part // parts for part in range(parts + 1)]
     try:
-        with concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="bm25-search") as pool:
-            found = list(pool.map(searcher.search, [texts[a:z] for a, z in itertools.pairwise(bounds)], [k] * parts))
+        parts_of_texts = [texts[a:z] for a, z in itertools.pairwise(bounds)]
+        # Daemon threads: an interrupted run must not wait for Lucene to finish (miner/background.py).
+        found = side_by_side(lambda part: searcher.search(part, k), parts_of_texts, "bm25-search")
     finally:
         searcher.close()
     doc_ids = [doc_id for part in found for hits in part for doc_id in hits[0]]
@@ -213,7 +214,7 @@ class _LuceneBm25:
                 found.append((list(hits.docids), np.asarray(hits.scores, dtype=np.float32)))
             return found
         finally:
-            detach()  # a pool thread leaves the JVM with its task
+            detach()  # the thread leaves the JVM as it ends
 
     def close(self) -> None:
         self._reader.close()

@@ -13,10 +13,8 @@ import hashlib
 import logging
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from miner import calibrate, candidates, java, precision, sample, score
+from miner.background import finished, in_background, result_of
 from miner.batches import BatchContext, check_batch_size
 from miner.cache import Bm25IndexCache, EmbeddingCache, TeacherScoreCache
 from miner.config import BATCHED_FORMATS, MineConfig
@@ -523,28 +522,6 @@ def resolve_models(config: MineConfig) -> tuple[ModelRef, ModelRef | None]:
     return embedding, teacher
 
 
-def in_background(work: Callable[[], T], name: str) -> Future[T]:
-    """`work()` on a daemon thread, as a future: a daemon, so that an interrupted or failed run exits at once
-    rather than after the work."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(work())
-        except BaseException as error:  # handed to whoever takes the result
-            future.set_exception(error)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
-
-
-def finished(value: T) -> Future[T]:
-    """A future that already holds `value`."""
-    future: Future[T] = Future()
-    future.set_result(value)
-    return future
-
-
 def score_candidates(
     data: Ingested,
     config: MineConfig,
@@ -586,7 +563,7 @@ def score_candidates(
     dense, dense_index = None, {}
     if embeddings is not None:
         dense, dense_index = searched(run, shards, "dense", dense_candidates, embeddings, config)
-    bm25, bm25_counts = bm25_search.result()
+    bm25, bm25_counts = result_of(bm25_search)
     pool = run("pool", candidates.candidate_pool, bm25, dense, rrf_k=retrieval.rrf_k, bm25_pool_k=retrieval.bm25_k)
     pairs = score.teacher_pairs(pool, data.qrels)
     if embeddings is None and (teacher_ref is None or config.filter.needs_geometry):
