@@ -155,10 +155,11 @@ def bm25_search(
         found = side_by_side(lambda part: searcher.search(part, k), parts_of_texts, "bm25-search")
     finally:
         searcher.close()
-    doc_ids = [doc_id for part in found for hits in part for doc_id in hits[0]]
-    scores = np.concatenate([tie_adjusted(hits[1]) for part in found for hits in part] or [np.zeros(0, np.float32)])
-    counts = [len(hits[0]) for part in found for hits in part]
-    query_ids = queries.column("query_id").take(pa.array(np.repeat(np.arange(len(texts)), counts)))
+    per_query = [hits for part in found for hits in part]  # in the queries' order
+    doc_ids = [doc_id for ids, _ in per_query for doc_id in ids]
+    scores = np.concatenate([tie_adjusted(raw) for _, raw in per_query] or [np.zeros(0, np.float32)])
+    rows = np.repeat(np.arange(len(texts)), [len(ids) for ids, _ in per_query])
+    query_ids = queries.column("query_id").take(pa.array(rows))
     return ranked(
         pl.DataFrame(
             {"query_id": query_ids, "doc_id": doc_ids, "score": scores},

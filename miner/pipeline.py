@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -65,7 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 StageRunner = Callable[..., Any]
-T = TypeVar("T")
 
 
 def run_directly(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

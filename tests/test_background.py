@@ -6,7 +6,7 @@ import textwrap
 import threading
 from pathlib import Path
 
-from miner.background import result_of, side_by_side
+from miner.background import finished, result_of, side_by_side
 
 # BM25 over Cranfield, every query 20 times at depth 1,000 (about 20 s of Lucene), searched on daemon threads
 # while the main thread waits: Ctrl-C a second in must end it at once. Measured without the waits' naps, the
@@ -64,6 +64,4 @@ def test_side_by_side_keeps_the_order_runs_on_daemon_threads_and_passes_errors_o
 
 
 def test_result_of_a_finished_future() -> None:
-    from miner.background import finished
-
     assert result_of(finished(7)) == 7
