@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from miner.batches import (
     batches_possible,
     conflict_graph,
     conflicts,
+    hardness_bound,
     order_batches,
 )
 from miner.ingest import ingest
@@ -221,6 +223,19 @@ def test_a_query_with_more_rows_than_batches_leaves_the_rest_counted() -> None:
     assert ordered.batch.tolist() == [0, 0]
 
 
+def _two_rows_a_query(query_vectors: np.ndarray) -> TrainingRows:
+    """Two rows per query, each with its own positive, which is its query's vector; no passage is shared."""
+    queries = np.repeat(np.arange(len(query_vectors)), 2)
+    return TrainingRows(
+        query=queries,
+        positive=np.arange(len(queries)),
+        docs=[frozenset([row]) for row in range(len(queries))],
+        forbidden=[frozenset(np.flatnonzero(queries == q).tolist()) for q in range(len(query_vectors))],
+        query_vectors=query_vectors,
+        doc_vectors=query_vectors[queries],
+    )
+
+
 def test_batches_are_topic_clusters() -> None:
     """Four topics of four queries each (their vectors and positives near one axis each): every batch of four is one
     topic, so hardness is well above a random order's, and the seed only changes which rows and in what order."""
@@ -229,15 +244,7 @@ def test_batches_are_topic_clusters() -> None:
     axes = np.eye(8, dtype=np.float32)[:4]
     query_vectors = axes[topics] + 0.05 * rng.standard_normal((16, 8)).astype(np.float32)
     query_vectors /= np.linalg.norm(query_vectors, axis=1, keepdims=True)
-    queries = np.repeat(np.arange(16), 2)  # two rows per query, each with its own positive
-    rows = TrainingRows(
-        query=queries,
-        positive=np.arange(32),
-        docs=[frozenset([row]) for row in range(32)],
-        forbidden=[frozenset(np.flatnonzero(queries == q).tolist()) for q in range(16)],
-        query_vectors=query_vectors,
-        doc_vectors=query_vectors[queries],
-    )
+    rows = _two_rows_a_query(query_vectors)
     for seed in (1, 2):
         ordered = order_batches(rows, size=4, seed=seed)
         assert ordered.unplaced == 0
@@ -352,6 +359,89 @@ def test_an_exchange_gain_is_what_the_swap_adds_and_minus_infinity_is_a_conflict
                 left[[row, partner]] = left[[partner, row]]
                 assert _hardness_sum(rows, state.grouped_rows) == pytest.approx(before + gain, abs=1e-5)
     assert checked > 500 and unplaced_checked > 20, (checked, unplaced_checked)
+
+
+def _best_order_hardness(rows: TrainingRows, size: int, placed: int) -> float | None:
+    """The highest hardness of any conflict-free order placing `placed` rows, by trying every one; None if none."""
+    count = len(rows.query)
+    cosine = rows.query_vectors[rows.query] @ rows.doc_vectors[rows.positive].T  # (rows, rows): i's query, j's positive
+    clash = np.array([[a == b or conflicts(rows, a, b) for b in range(count)] for a in range(count)])
+    best = -np.inf
+
+    def search(remaining: list[int], skips: int, total: float) -> None:
+        nonlocal best
+        if len(remaining) == skips:  # the rest left out: exactly `placed` rows in batches
+            best = max(best, total)
+            return
+        first, rest = remaining[0], remaining[1:]
+        if skips:
+            search(rest, skips - 1, total)
+        for mates in combinations(rest, size - 1):
+            batch = [first, *mates]
+            if not any(clash[a, b] for a, b in combinations(batch, 2)):
+                inside = cosine[np.ix_(batch, batch)]
+                search([r for r in rest if r not in mates], skips, total + inside.sum() - np.trace(inside))
+
+    search(list(range(count)), count - placed, 0.0)
+    return None if best == -np.inf else best / (placed * (size - 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_order_beats_the_hardness_bound(seed: int) -> None:
+    """On small random instances with conflicts, every order tried exhaustively stays at or under the bound."""
+    rng = np.random.default_rng(seed)
+    queries = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4])
+    passages = rng.standard_normal((len(queries) + 4, 6)).astype(np.float32)
+    passages /= np.linalg.norm(passages, axis=1, keepdims=True)
+    # Each row brings its own positive and one of four shared passages; each query is answered by its positives
+    # and, for some queries, one shared passage: rows bringing it may not meet them.
+    shared = len(queries) + rng.integers(0, 4, len(queries))
+    forbidden = [{*np.flatnonzero(queries == q).tolist()} for q in range(5)]
+    forbidden[0].add(len(queries))
+    forbidden[1].add(len(queries) + 1)
+    rows = TrainingRows(
+        query=queries,
+        positive=np.arange(len(queries)),
+        docs=[frozenset({row, int(shared[row])}) for row in range(len(queries))],
+        forbidden=[frozenset(f) for f in forbidden],
+        query_vectors=passages[[0, 3, 5, 7, 9]] + 0.3,
+        doc_vectors=passages,
+    )
+    tightened = False
+    for placed in (12, 9, 6):
+        best = _best_order_hardness(rows, 3, placed)
+        if best is None:
+            continue
+        unpriced = hardness_bound(rows, 3, placed, reached=best, steps=0)
+        bound = hardness_bound(rows, 3, placed, reached=best)
+        assert unpriced is not None and bound is not None
+        assert unpriced >= bound >= best - 1e-6, (placed, unpriced, bound, best)
+        tightened |= bound < unpriced - 1e-3
+    assert tightened, "the prices never lowered the bound"
+
+
+def test_the_hardness_bound_is_reached_by_topic_clusters() -> None:
+    """Two topics of three queries, two rows each: batches of three of one topic are the best order, the bound is
+    exactly their hardness, and the ordering finds it."""
+    axes = np.eye(4, dtype=np.float32)
+    offsets = np.array([0.0, 0.0, 0.1, 0.2], dtype=np.float32) * (np.arange(6) % 3)[:, None]
+    query_vectors = axes[np.arange(6) // 3] + offsets
+    query_vectors /= np.linalg.norm(query_vectors, axis=1, keepdims=True)
+    rows = _two_rows_a_query(query_vectors)
+    best = _best_order_hardness(rows, 3, 12)
+    assert best is not None
+    assert hardness_bound(rows, 3, 12, reached=0.0) == pytest.approx(best, abs=1e-6)
+    ordered = order_batches(rows, size=3, seed=1)
+    assert batch_hardness(rows, ordered.rows, 3) == pytest.approx(best, abs=1e-6)
+
+
+def test_the_hardness_bound_knows_when_the_conflicts_rule_out_every_order() -> None:
+    # Query 0's only row brings passage 5, which answers query 1: it can meet nobody, and query 1's two rows may
+    # not meet each other. No batch of two exists; with query 2 beside them, one does.
+    rows = _rows([0, 1, 1], [{5}, {6}, {7}], [{5}, {5, 6, 7}])
+    assert hardness_bound(rows, 2, 2, reached=0.0) is None
+    rows = _rows([0, 1, 1, 2], [{5}, {6}, {7}, {8}], [{5}, {5, 6, 7}, {8}])
+    assert hardness_bound(rows, 2, 2, reached=0.0) is not None
 
 
 def test_the_counts_bound_the_batches() -> None:
