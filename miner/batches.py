@@ -704,7 +704,7 @@ def hardness_bound(
         chosen = eligible[np.argsort(-value[eligible], kind="stable")[:placed]]
         total = float(value[chosen].sum())
         lowest = min(lowest, total)
-        if lowest < least:
+        if lowest < least - 1e-9 * max(1.0, abs(least)):  # below by more than rounding
             return None
         meetings = np.zeros((queries, queries))
         np.add.at(meetings, (np.repeat(rows.query[chosen], meets), met[chosen].reshape(-1)), 1)

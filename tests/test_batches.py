@@ -442,6 +442,9 @@ def test_the_hardness_bound_knows_when_the_conflicts_rule_out_every_order() -> N
     assert hardness_bound(rows, 2, 2, reached=0.0) is None
     rows = _rows([0, 1, 1, 2], [{5}, {6}, {7}, {8}], [{5}, {5, 6, 7}, {8}])
     assert hardness_bound(rows, 2, 2, reached=0.0) is not None
+    # Every order sums the same (one vector for all): the bound is that sum, however many steps, never None.
+    same = _two_rows_a_query(np.ones((4, 3), dtype=np.float32) / np.sqrt(3))
+    assert hardness_bound(same, 2, 8, steps=50) == pytest.approx(1.0)
 
 
 def test_the_counts_bound_the_batches() -> None:
